@@ -1,0 +1,1 @@
+"""camlabel's Label Studio side. Imports wsl_models; wsl_models never imports it."""

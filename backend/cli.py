@@ -1,0 +1,41 @@
+"""The one console command, ``camlabel``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from wsl_models.cli import add_commands
+from wsl_models.data import DatasetError
+from wsl_models.images import ImageError
+from wsl_models.members import UnknownMemberError, WeightsError
+from wsl_models.versions import VersionError
+
+# Errors a user can fix: one clear line, exit status 2, no traceback.
+USER_ERRORS = (DatasetError, ImageError, UnknownMemberError, WeightsError, VersionError, ValueError)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="camlabel", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_commands(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return args.func(args)
+    except USER_ERRORS as exc:
+        print(f"camlabel {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

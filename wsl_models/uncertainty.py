@@ -1,0 +1,91 @@
+"""MC Dropout sampling and uncertainty measures.
+
+Measures are plain functions over MC samples ``probs`` of shape (T, B, C) (the baal pattern):
+adding one is writing one function and registering it in ``MEASURES``. Larger = more uncertain.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from .members import Member
+
+_TINY = 1e-12
+
+
+def mc_dropout_probs(
+    member: Member, pooled: torch.Tensor, samples: int = 30, seed: int | None = None
+) -> torch.Tensor:
+    """(T, B, C) softmax samples of the head only, over pooled features computed once.
+
+    Dropout sits right after pooling, so re-running the backbone T times would recompute the
+    same features: sampling the head alone is exact and costs T small matmuls. The RNG draws
+    match T full-network passes with only dropout in train mode, pass by pass.
+    """
+    if samples < 1:
+        raise ValueError("samples must be >= 1")
+    with torch.random.fork_rng(devices=[] if pooled.device.type == "cpu" else [pooled.device]):
+        if seed is not None:
+            torch.manual_seed(seed)
+        p = member.dropout.p
+        out = [
+            torch.softmax(
+                member.head(torch.nn.functional.dropout(pooled, p, training=True)), dim=-1
+            )
+            for _ in range(samples)
+        ]
+    return torch.stack(out)
+
+
+def _entropy(p: torch.Tensor) -> torch.Tensor:
+    return -(p * torch.log(p.clamp_min(_TINY))).sum(dim=-1)
+
+
+def predictive_entropy(probs: torch.Tensor) -> torch.Tensor:
+    """H[mean_t p_t]: total uncertainty."""
+    return _entropy(probs.mean(dim=0))
+
+
+def bald(probs: torch.Tensor) -> torch.Tensor:
+    """Mutual information H[mean p] - mean H[p_t]: the epistemic part (Houlsby et al. 2011)."""
+    return (predictive_entropy(probs) - _entropy(probs).mean(dim=0)).clamp_min(0.0)
+
+
+def variation_ratio(probs: torch.Tensor) -> torch.Tensor:
+    """1 - (votes for the modal class) / T."""
+    votes = torch.nn.functional.one_hot(probs.argmax(dim=-1), probs.shape[-1]).sum(dim=0)
+    return 1.0 - votes.max(dim=-1).values.float() / probs.shape[0]
+
+
+def margin(probs: torch.Tensor) -> torch.Tensor:
+    """1 - (p_(1) - p_(2)) of the mean prediction (1 for a single class is meaningless: 0)."""
+    mean = probs.mean(dim=0)
+    if mean.shape[-1] < 2:
+        return torch.zeros(mean.shape[:-1])
+    top = mean.topk(2, dim=-1).values
+    return 1.0 - (top[..., 0] - top[..., 1])
+
+
+def member_disagreement(member_probs: torch.Tensor) -> torch.Tensor:
+    """(M, B, C) member means -> fraction of members that disagree with the ensemble class."""
+    ensemble = member_probs.mean(dim=0).argmax(dim=-1)
+    return (member_probs.argmax(dim=-1) != ensemble).float().mean(dim=0)
+
+
+MEASURES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "entropy": predictive_entropy,
+    "bald": bald,
+    "variation_ratio": variation_ratio,
+    "margin": margin,
+}
+
+
+def uncertainty_measure(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    try:
+        return MEASURES[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown uncertainty measure {name!r}; known: {', '.join(MEASURES)}"
+        ) from None

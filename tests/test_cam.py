@@ -3,12 +3,14 @@
 import numpy as np
 import pytest
 import torch
+from pytorch_grad_cam import GradCAMPlusPlus as LibGradCAMPlusPlus
 from pytorch_grad_cam import XGradCAM as LibXGradCAM
 from pytorch_grad_cam.utils.image import scale_cam_image
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
 from wsl_models.cam import (
     GradCAM,
+    GradCAMPlusPlus,
     LibraryCAM,
     UnknownCAMError,
     XGradCAM,
@@ -34,10 +36,19 @@ def _trained_like(name: str, classes: int = 3) -> torch.nn.Module:
     "name", ["resnet50", "densenet121", "efficientnet_b0", "efficientnet_lite0", "tiny"]
 )
 def test_xgradcam_matches_pytorch_grad_cam(name):
+    _check_against_library(name, XGradCAM(), LibXGradCAM)
+
+
+@pytest.mark.parametrize("name", ["resnet50", "densenet121", "efficientnet_lite0"])
+def test_gradcam_plusplus_matches_pytorch_grad_cam(name):
+    _check_against_library(name, GradCAMPlusPlus(), LibGradCAMPlusPlus)
+
+
+def _check_against_library(name, method, library_cls):
     member = _trained_like(name)
     x = torch.rand(2, 3, 160, 128)
-    ours = XGradCAM()(member, x)  # (B, C, h, w) raw
-    with LibXGradCAM(model=member, target_layers=[member.target_layer]) as lib:
+    ours = method(member, x)  # (B, C, h, w) raw
+    with library_cls(model=member, target_layers=[member.target_layer]) as lib:
         for c in range(3):
             expected = lib(input_tensor=x, targets=[ClassifierOutputTarget(c)] * 2)
             # Our serving path: normalise, upsample to the input, normalise (as the library does).
@@ -65,7 +76,7 @@ def test_xgradcam_shares_one_forward_for_all_classes():
 def test_library_methods_by_name():
     member = _trained_like("tiny", classes=2)
     x = torch.rand(2, 3, 64, 64)
-    method = cam_method("gradcam++")
+    method = cam_method("layercam")
     assert isinstance(method, LibraryCAM)
     maps = method(member, x)
     assert maps.shape == (2, 2, 64, 64)

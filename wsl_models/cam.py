@@ -61,6 +61,26 @@ class XGradCAM(AnalyticCAM):
         return head_weight.unsqueeze(0) / (h * w) * share.unsqueeze(1)
 
 
+class GradCAMPlusPlus(AnalyticCAM):
+    """Grad-CAM++ (Chattopadhay et al. 2018) with pytorch-grad-cam's epsilon, in closed form.
+
+    With a constant gradient g = W_ck / (h w): a = g^2 / (2 g^2 + S_k g^3 + eps), and
+    alpha_ck = sum_ij relu(g) a = h w relu(g) a. Only positively weighted channels count.
+    """
+
+    name = "gradcam++"
+    eps = 1e-6
+
+    def channel_weights(self, features: torch.Tensor, head_weight: torch.Tensor) -> torch.Tensor:
+        h, w = features.shape[-2:]
+        g = (head_weight / (h * w)).unsqueeze(0)  # (1, C, K)
+        sums = features.sum(dim=(2, 3)).unsqueeze(1)  # (B, 1, K)
+        g2 = g * g
+        a = g2 / (2 * g2 + sums * g2 * g + self.eps)
+        a = torch.where(g != 0, a, torch.zeros_like(a))
+        return h * w * torch.relu(g) * a
+
+
 class LibraryCAM:
     """Any pytorch-grad-cam method by name; one forward + backward per class (slow path)."""
 
@@ -87,7 +107,7 @@ def _library_methods() -> dict[str, type]:
     import pytorch_grad_cam as g
 
     return {
-        "gradcam++": g.GradCAMPlusPlus,
+        "lib-gradcam++": g.GradCAMPlusPlus,
         "layercam": g.LayerCAM,
         "eigencam": g.EigenCAM,
         "scorecam": g.ScoreCAM,
@@ -96,7 +116,9 @@ def _library_methods() -> dict[str, type]:
     }
 
 
-ANALYTIC: dict[str, type[AnalyticCAM]] = {c.name: c for c in (AnalyticCAM, GradCAM, XGradCAM)}
+ANALYTIC: dict[str, type[AnalyticCAM]] = {
+    c.name: c for c in (AnalyticCAM, GradCAM, XGradCAM, GradCAMPlusPlus)
+}
 
 
 def cam_method(name: str) -> AnalyticCAM | LibraryCAM:

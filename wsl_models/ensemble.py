@@ -34,6 +34,7 @@ class EnsembleConfig:
     review_threshold: float | None = None  # flag above this; None: only disagreement flags
     min_agree: int = 2
     min_area_fraction: float = 0.0005
+    tta_flip: bool = False  # average each CAM with the CAM of the mirrored image (2x backbone)
 
     def __post_init__(self) -> None:
         self.image_size = tuple(int(v) for v in self.image_size)  # type: ignore[assignment]
@@ -137,10 +138,14 @@ class Ensemble:
                 s = None if seed is None else seed + i
                 mc.append(mc_dropout_probs(member, pooled, cfg.mc_samples, s).float().cpu())
                 if isinstance(self.cam, AnalyticCAM):
-                    raw = self.cam.from_features(features, member.head.weight)
+                    maps = normalize_maps(self.cam.from_features(features, member.head.weight))
+                    if cfg.tta_flip:
+                        mirrored = member.feature_map(images.flip(-1))
+                        raw_m = self.cam.from_features(mirrored, member.head.weight).flip(-1)
+                        maps = normalize_maps(maps + normalize_maps(raw_m))
             if not isinstance(self.cam, AnalyticCAM):
-                raw = self.cam(member, images)
-            cams.append(normalize_maps(raw.float()).cpu())
+                maps = normalize_maps(self.cam(member, images).float())
+            cams.append(maps.float().cpu())
         mc_probs = torch.stack(mc)  # (M, T, B, C)
         member_probs = mc_probs.mean(dim=1)
         probs = member_probs.mean(dim=0)

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .cam import normalize_maps, resize_maps
+from .cam import XGradCAM, normalize_maps, resize_maps
 from .data import (
     Dataset,
     DatasetError,
@@ -32,6 +32,7 @@ from .data import (
 from .ensemble import Ensemble, EnsembleConfig
 from .masks import calibrate_threshold
 from .members import Member, Weights, build_member
+from .metrics import pxap
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,9 @@ class TrainConfig:
     freeze_bn: bool | None = None  # None: frozen when pretrained
     calibration_images: int = 6
     review_quantile: float = 0.9
+    # Checkpoint selection: "loss" (validation loss) or "localization" (PxAP of the member's
+    # CAM on the pixel-labelled calibration images: the Survey's B-LOC rule).
+    select: str = "loss"
     device: str = "auto"
     progress: bool = True
 
@@ -107,6 +111,7 @@ def train_member(
     val_ds: ImageDataset | None,
     cfg: TrainConfig,
     pretrained: bool,
+    calib: list[tuple[torch.Tensor, int, np.ndarray]] | None = None,
 ) -> dict[str, Any]:
     """Train one member in place; keeps the weights of the best validation epoch."""
     device = resolve_device(cfg.device)
@@ -155,6 +160,9 @@ def train_member(
             key = (row["val_loss"], -row["val_acc"])
         else:
             key = (row["loss"], -row["acc"])
+        if cfg.select == "localization" and calib:
+            row["val_pxap"] = _localization_score(member, calib, device)
+            key = (-row["val_pxap"], *key)
         history.append(row)
         bar.set_postfix({k: f"{v:.3f}" for k, v in row.items() if k != "epoch"})
         if key < best:
@@ -168,6 +176,20 @@ def train_member(
     member.load_state_dict(best_state)
     member.eval()
     return {"history": history, "best_epoch": best_epoch}
+
+
+@torch.no_grad()
+def _localization_score(
+    member: Member, calib: list[tuple[torch.Tensor, int, np.ndarray]], device: torch.device
+) -> float:
+    """PxAP of the member's XGrad-CAM for the true class on pixel-labelled images."""
+    member.eval()
+    maps, truths = [], []
+    for x, y, truth in calib:
+        raw = XGradCAM()(member, x[None].to(device))[0, y]
+        maps.append(normalize_maps(resize_maps(normalize_maps(raw), truth.shape)).cpu().numpy())
+        truths.append(truth)
+    return pxap(maps, truths)
 
 
 def _calibration_samples(
@@ -255,15 +277,23 @@ def train_ensemble(
     size = tuple(ens_cfg.image_size)
     train_ds = ImageDataset(train_s, ens_cfg.classes, size, augment=True)
     val_ds = ImageDataset(held, ens_cfg.classes, size)
+    calib = _calibration_samples(held, cfg.calibration_images, ens_cfg.mask_classes)
+    calib_set = None
+    if cfg.select == "localization" and calib:
+        cds = ImageDataset(calib, ens_cfg.classes, size)
+        calib_set = [(*cds[i], m) for i, m in enumerate(load_masks(calib))]
+    if cfg.select not in ("loss", "localization"):
+        raise ValueError(f"select must be 'loss' or 'localization', not {cfg.select!r}")
     members, reports = [], {}
     for k, name in enumerate(ens_cfg.members):
         seed_everything(cfg.seed + k)
         w = weights_for(name, cfg.weights)
         member = build_member(name, len(ens_cfg.classes), w, ens_cfg.dropout)
-        reports[f"{k}-{name}"] = train_member(member, train_ds, val_ds, cfg, w.source != "none")
+        reports[f"{k}-{name}"] = train_member(
+            member, train_ds, val_ds, cfg, w.source != "none", calib_set
+        )
         members.append(member)
     ensemble = Ensemble(members, ens_cfg)
-    calib = _calibration_samples(held, cfg.calibration_images, ens_cfg.mask_classes)
     measured = calibrate(ensemble, val_ds, calib, cfg)
     metrics = {
         "train_images": len(train_s),

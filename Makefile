@@ -36,5 +36,10 @@ lint: setup
 test: setup lint
 	$(VENV)/bin/pytest -q
 
+# Benchmarks (slow; results in bench/results/). GlaS needs DATA; a GPU is used when present.
+bench: setup
+	$(PY) bench/glas.py --data $(DATA) --out bench/results/glas
+	$(PY) bench/speed.py --out bench/results/speed.json
+
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

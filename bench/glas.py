@@ -3,7 +3,7 @@
     python bench/glas.py --data ../shared/data/glas --out bench/results/glas \
         --configs lite:224,lite:448x320,paper:224
 
-Each config is MEMBERS:SIZE with MEMBERS one of `lite` (EfficientNet-Lite0/1/2, ImageNet weights
+Each config is MEMBERS:SIZE[:OUTPUT_STRIDE] with MEMBERS one of `lite` (EfficientNet-Lite0/1/2, ImageNet weights
 from PyPI wheels), `paper` (ResNet50, EfficientNet-B0, DenseNet121 from scratch: no ImageNet
 weights can be downloaded here) or a comma-free single member name. Writes one JSON per config
 and a Markdown summary (summary.md) in --out.
@@ -32,11 +32,16 @@ GROUPS = {"lite": (list(LITE_TRIO), "imagenet"), "paper": (list(PAPER_TRIO), "no
 
 
 def run_config(spec: str, args: argparse.Namespace) -> dict:
-    group, size = spec.split(":")
+    group, size, *rest = spec.split(":")
+    output_stride = int(rest[0]) if rest else 32
     members, weights = GROUPS.get(group, ([group], "imagenet"))
     dataset = load_dataset(args.data)
     cfg = EnsembleConfig(
-        classes=list(dataset.classes), members=members, image_size=parse_size(size)
+        classes=list(dataset.classes),
+        members=members,
+        image_size=parse_size(size),
+        output_stride=output_stride,
+        cam_method=args.cam,
     )
     tcfg = TrainConfig(
         epochs=args.epochs,
@@ -115,6 +120,7 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
+    p.add_argument("--cam", default="xgradcam", help="CAM method of the trained ensemble")
     p.add_argument("--select", default="loss", choices=["loss", "localization"])
     p.add_argument("--cams", default="", help="extra CAM methods to evaluate on the same models")
     p.add_argument("--tta", action="store_true", help="also evaluate each CAM with flip TTA")

@@ -94,6 +94,30 @@ class Member(nn.Module):
 
 # ---------------------------------------------------------------- builders
 # Each builder returns (feature module ending with its final activation, channels).
+# output_stride=16 removes the last stride-2 step and dilates the convolutions after it by 2
+# (the DeepLab trick): CAMs twice as fine for the same input, the same pretrained weights.
+
+
+def _dilate(modules: list[nn.Module], rate: int) -> None:
+    """Dilate every k>1 convolution in ``modules`` and keep 'same' padding."""
+    for module in modules:
+        for conv in module.modules():
+            if not isinstance(conv, nn.Conv2d) or conv.kernel_size[0] == 1:
+                continue
+            k = conv.kernel_size[0]
+            conv.dilation = (rate, rate)
+            pad = rate * (k - 1) // 2
+            if isinstance(getattr(conv, "static_padding", None), nn.Module):
+                conv.static_padding = nn.ZeroPad2d(pad)  # EfficientNet-Lite's TF-style padding
+            else:
+                conv.padding = (pad, pad)
+
+
+def _unstride(conv: nn.Conv2d) -> None:
+    conv.stride = (1, 1)
+    k = conv.kernel_size[0]
+    if isinstance(getattr(conv, "static_padding", None), nn.Module):
+        conv.static_padding = nn.ZeroPad2d((k - 1) // 2)
 
 
 def _load_torchvision(arch: str, weights_enum: str | None, pretrained: bool) -> nn.Module:
@@ -114,21 +138,33 @@ def _load_torchvision(arch: str, weights_enum: str | None, pretrained: bool) -> 
         ) from exc
 
 
-def _resnet50(pretrained: bool) -> tuple[nn.Module, int]:
+def _resnet50(pretrained: bool, output_stride: int = 32) -> tuple[nn.Module, int]:
     m = _load_torchvision("resnet50", "ResNet50_Weights", pretrained)
+    if output_stride == 16:
+        first = m.layer4[0]
+        first.conv2.stride = (1, 1)
+        first.downsample[0].stride = (1, 1)
+        _dilate(list(m.layer4.children())[1:], 2)
     body = nn.Sequential(m.conv1, m.bn1, m.relu, m.maxpool, m.layer1, m.layer2, m.layer3, m.layer4)
     return body, 2048
 
 
-def _densenet121(pretrained: bool) -> tuple[nn.Module, int]:
+def _densenet121(pretrained: bool, output_stride: int = 32) -> tuple[nn.Module, int]:
     m = _load_torchvision("densenet121", "DenseNet121_Weights", pretrained)
+    if output_stride == 16:
+        m.features.transition3.pool = nn.Identity()
+        _dilate([m.features.denseblock4], 2)
     # torchvision applies F.relu(inplace=True) after `features` (ends at norm5): make the
     # ReLU part of the feature module so CAMs see post-activation maps.
     return nn.Sequential(m.features, nn.ReLU()), 1024
 
 
-def _efficientnet_b0(pretrained: bool) -> tuple[nn.Module, int]:
+def _efficientnet_b0(pretrained: bool, output_stride: int = 32) -> tuple[nn.Module, int]:
     m = _load_torchvision("efficientnet_b0", "EfficientNet_B0_Weights", pretrained)
+    if output_stride == 16:  # stage 6 (112 -> 192 channels) holds the last stride-2 conv
+        first = m.features[6][0].block[1][0]
+        first.stride = (1, 1)
+        _dilate([first, *list(m.features[6].children())[1:], m.features[7]], 2)
     return m.features, 1280
 
 
@@ -141,8 +177,8 @@ class _LiteFeatures(nn.Module):
         return self.net.extract_features(x)
 
 
-def _lite(variant: int) -> Callable[[bool], tuple[nn.Module, int]]:
-    def build(pretrained: bool) -> tuple[nn.Module, int]:
+def _lite(variant: int) -> Callable[..., tuple[nn.Module, int]]:
+    def build(pretrained: bool, output_stride: int = 32) -> tuple[nn.Module, int]:
         from efficientnet_lite_pytorch import EfficientNet
 
         name = f"efficientnet-lite{variant}"
@@ -158,6 +194,11 @@ def _lite(variant: int) -> Callable[[bool], tuple[nn.Module, int]]:
             net = EfficientNet.from_pretrained(name, weights_path=path)
         else:
             net = EfficientNet.from_name(name)
+        if output_stride == 16:
+            blocks = list(net._blocks)
+            last = max(i for i, b in enumerate(blocks) if b._depthwise_conv.stride[0] == 2)
+            _unstride(blocks[last]._depthwise_conv)
+            _dilate(blocks[last + 1 :], 2)
         # Our own dropout + head replace the package's classifier.
         net._fc = nn.Identity()
         net._dropout = nn.Identity()
@@ -166,7 +207,7 @@ def _lite(variant: int) -> Callable[[bool], tuple[nn.Module, int]]:
     return build
 
 
-def _tiny(pretrained: bool) -> tuple[nn.Module, int]:
+def _tiny(pretrained: bool, output_stride: int = 32) -> tuple[nn.Module, int]:
     """A 3-layer CNN (stride 8) for fast tests and CPU smoke runs. Has no pretrained weights."""
     if pretrained:
         raise WeightsError("the tiny member has no ImageNet weights: use weights=none")
@@ -180,7 +221,7 @@ def _tiny(pretrained: bool) -> tuple[nn.Module, int]:
 @dataclass(frozen=True)
 class MemberSpec:
     name: str
-    build: Callable[[bool], tuple[nn.Module, int]]
+    build: Callable[..., tuple[nn.Module, int]]
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     stride: int = 32
@@ -262,15 +303,18 @@ def build_member(
     num_classes: int,
     weights: str | Path | Weights | None = "none",
     dropout: float = 0.5,
+    output_stride: int = 32,
 ) -> Member:
     """Build a member by name; ``weights`` is ``imagenet``, ``none`` or a local file path."""
+    if output_stride not in (16, 32):
+        raise ValueError("output_stride must be 32 or 16")
     spec = member_spec(name)
     if num_classes < 1:
         raise ValueError("num_classes must be >= 1")
     if not 0.0 <= dropout < 1.0:
         raise ValueError("dropout must be in [0, 1)")
     w = weights if isinstance(weights, Weights) else Weights.parse(weights)
-    features, channels = spec.build(w.source == "imagenet")
+    features, channels = spec.build(w.source == "imagenet", output_stride)
     member = Member(name, features, channels, num_classes, dropout, spec.mean, spec.std)
     if w.is_file:
         _load_backbone_file(member, Path(w.source))

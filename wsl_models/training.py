@@ -288,7 +288,7 @@ def train_ensemble(
     for k, name in enumerate(ens_cfg.members):
         seed_everything(cfg.seed + k)
         w = weights_for(name, cfg.weights)
-        member = build_member(name, len(ens_cfg.classes), w, ens_cfg.dropout)
+        member = build_member(name, len(ens_cfg.classes), w, ens_cfg.dropout, ens_cfg.output_stride)
         reports[f"{k}-{name}"] = train_member(
             member, train_ds, val_ds, cfg, w.source != "none", calib_set
         )

@@ -1,0 +1,91 @@
+"""Settings that change behaviour: output stride, flip TTA, checkpoint selection, config checks."""
+
+import pytest
+import torch
+
+from wsl_models.data import class_balanced_weights, load_dataset
+from wsl_models.ensemble import Ensemble, EnsembleConfig
+from wsl_models.evaluation import evaluate, format_table
+from wsl_models.members import build_member
+from wsl_models.training import TrainConfig, train_ensemble, weights_for
+
+
+@pytest.mark.parametrize(
+    "name", ["resnet50", "densenet121", "efficientnet_b0", "efficientnet_lite1"]
+)
+def test_output_stride_16_doubles_map_resolution(name):
+    x = torch.rand(1, 3, 128, 96)
+    with torch.no_grad():
+        coarse = build_member(name, 2, "none").feature_map(x)
+        fine = build_member(name, 2, "none", output_stride=16).feature_map(x)
+    assert coarse.shape[-2:] == (4, 3)
+    assert fine.shape[-2:] == (8, 6)
+    assert fine.shape[1] == coarse.shape[1]
+
+
+def test_output_stride_keeps_the_same_weights():
+    a = build_member("resnet50", 2, "none")
+    b = build_member("resnet50", 2, "none", output_stride=16)
+    b.load_state_dict(a.state_dict())  # same parameter set: pretrained weights still fit
+    with pytest.raises(ValueError):
+        build_member("tiny", 2, output_stride=8)
+
+
+def test_flip_tta_makes_maps_of_a_mirror_symmetric_image_symmetric():
+    torch.manual_seed(0)
+    half = torch.rand(1, 3, 64, 32)
+    x = torch.cat([half, half.flip(-1)], dim=-1)  # mirror-symmetric image
+    member = build_member("tiny", 2)
+    for m in member.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_var.uniform_(0.5, 1.5)
+    cfg = EnsembleConfig(["a", "b"], ["tiny"], (64, 64), tta_flip=True)
+    cams = Ensemble([member], cfg).predict(x, seed=0).cams[0]
+    assert torch.allclose(cams, cams.flip(-1), atol=1e-5)
+    plain = Ensemble([member], EnsembleConfig(["a", "b"], ["tiny"], (64, 64))).predict(x, seed=0)
+    assert not torch.allclose(plain.cams[0], plain.cams[0].flip(-1), atol=1e-3)
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="not model classes"):
+        EnsembleConfig(["a", "b"], ["tiny"], mask_classes=["c"])
+    with pytest.raises(ValueError, match="unknown member"):
+        EnsembleConfig(["a", "b"], ["vgg"])
+    with pytest.raises(ValueError, match="two classes"):
+        EnsembleConfig(["a"], ["tiny"])
+    with pytest.raises(ValueError, match="CAM"):
+        EnsembleConfig(["a", "b"], ["tiny"], cam_method="nope")
+    cfg = EnsembleConfig(["a", "b"], ["tiny", "tiny"], image_size=[64, 48])
+    assert cfg.image_size == (64, 48)
+    assert cfg.member_keys == ["0-tiny", "1-tiny"]
+    assert EnsembleConfig.from_dict(cfg.to_dict() | {"future_field": 1}) == cfg
+
+
+def test_weights_spec_parsing():
+    assert weights_for("resnet50", "imagenet").source == "imagenet"
+    assert weights_for("tiny", "imagenet").source == "none"  # no ImageNet weights exist
+    spec = "resnet50=/w/r50.pth,densenet121=none"
+    assert weights_for("resnet50", spec).source == "/w/r50.pth"
+    assert weights_for("densenet121", spec).source == "none"
+    assert weights_for("efficientnet_lite0", spec).source == "imagenet"
+
+
+def test_class_balanced_weights():
+    w = class_balanced_weights([0, 0, 0, 1])
+    assert w.tolist() == pytest.approx([1 / 3, 1 / 3, 1 / 3, 1.0])
+
+
+def test_localization_checkpoint_selection(synth_dir):
+    ds = load_dataset(synth_dir)
+    cfg = EnsembleConfig(list(ds.classes), ["tiny"], (64, 64), mask_classes=["lesion"])
+    tcfg = TrainConfig(epochs=3, weights="none", select="localization", progress=False)
+    ensemble, metrics = train_ensemble(ds, cfg, tcfg)
+    history = metrics["members"]["0-tiny"]["history"]
+    assert all(0 <= row["val_pxap"] <= 100 for row in history)
+    best = metrics["members"]["0-tiny"]["best_epoch"]
+    assert history[best - 1]["val_pxap"] == max(r["val_pxap"] for r in history)
+    result = evaluate(ensemble, ds, "test", progress=False)
+    text = format_table(result)
+    assert "intersection" in text and "baseline_all_ones" in text
+    with pytest.raises(ValueError, match="select"):
+        train_ensemble(ds, cfg, TrainConfig(epochs=1, weights="none", select="vibes"))

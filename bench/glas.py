@@ -75,19 +75,18 @@ def run_config(spec: str, args: argparse.Namespace) -> dict:
     variants = {}
     for method in [m for m in args.cams.split(",") if m]:
         for tta in (False, True) if args.tta and method in ANALYTIC else (False,):
-            ensemble.config.cam_method, ensemble.config.tta_flip = method, tta
-            ensemble.cam = cam_method(method)
-            r = evaluate(ensemble, dataset, "test", batch_size=8, seed=args.seed, progress=False)
-            loc = r["localization"]
-            variants[method + ("+flip" if tta else "")] = {
-                k: loc[k] for k in loc if not k.startswith("baseline")
-            } | {"seconds": r["seconds"]}
-            print(
-                method,
-                "flip" if tta else "",
-                {k: round(v.get("pxap", 0), 1) for k, v in loc.items()},
-                flush=True,
-            )
+            for mode in args.map_modes.split(","):
+                ensemble.config.cam_method, ensemble.config.tta_flip = method, tta
+                ensemble.config.map_mode = mode
+                ensemble.cam = cam_method(method)
+                r = evaluate(
+                    ensemble, dataset, "test", batch_size=8, seed=args.seed, progress=False
+                )
+                loc = r["localization"]
+                key = method + ("+flip" if tta else "") + ("" if mode == "class" else f"+{mode}")
+                variants[key] = {k: loc[k] for k in loc if not k.startswith("baseline")}
+                variants[key]["seconds"] = r["seconds"]
+                print(key, {k: round(v.get("pxap", 0), 1) for k, v in loc.items()}, flush=True)
     result["cam_variants"] = variants
     print(format_table(result), flush=True)
     (Path(args.out) / f"{name}.json").write_text(json.dumps(result, indent=2))
@@ -123,6 +122,7 @@ def main() -> None:
     p.add_argument("--cam", default="xgradcam", help="CAM method of the trained ensemble")
     p.add_argument("--select", default="loss", choices=["loss", "localization"])
     p.add_argument("--cams", default="", help="extra CAM methods to evaluate on the same models")
+    p.add_argument("--map-modes", default="class", help="class,max: which class maps to use")
     p.add_argument("--tta", action="store_true", help="also evaluate each CAM with flip TTA")
     p.add_argument("--models", default=None, help="where model versions go (default OUT/models)")
     args = p.parse_args()

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from wsl_models.cam import normalize_maps, resize_maps
 from wsl_models.data import class_balanced_weights, load_dataset
 from wsl_models.ensemble import Ensemble, EnsembleConfig
 from wsl_models.evaluation import evaluate, format_table
@@ -44,6 +45,23 @@ def test_flip_tta_makes_maps_of_a_mirror_symmetric_image_symmetric():
     assert torch.allclose(cams, cams.flip(-1), atol=1e-5)
     plain = Ensemble([member], EnsembleConfig(["a", "b"], ["tiny"], (64, 64))).predict(x, seed=0)
     assert not torch.allclose(plain.cams[0], plain.cams[0].flip(-1), atol=1e-3)
+
+
+def test_max_map_mode_takes_the_pixelwise_max_over_classes():
+    torch.manual_seed(0)
+    member = build_member("tiny", 3)
+    x = torch.rand(1, 3, 64, 64)
+    by_class = Ensemble([member], EnsembleConfig(["a", "b", "c"], ["tiny"], (64, 64)))
+    by_max = Ensemble([member], EnsembleConfig(["a", "b", "c"], ["tiny"], (64, 64), map_mode="max"))
+    out = by_class.predict(x, seed=0)
+    size = (64, 64)
+    got = by_max.masks(out, 0, size).member_maps["0-tiny"]
+    expected = torch.stack([out.cams[0][0, c] for c in range(3)]).amax(0)
+    want = normalize_maps(resize_maps(expected[None], size))[0].numpy()
+    assert abs(got - want).max() < 1e-5
+    assert abs(got - by_class.masks(out, 0, size).member_maps["0-tiny"]).max() > 1e-3
+    with pytest.raises(ValueError, match="map_mode"):
+        EnsembleConfig(["a", "b"], ["tiny"], map_mode="min")
 
 
 def test_config_validation():

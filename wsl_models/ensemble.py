@@ -35,10 +35,16 @@ class EnsembleConfig:
     review_threshold: float | None = None  # flag above this; None: only disagreement flags
     min_agree: int = 2
     min_area_fraction: float = 0.0005
+    # "class": the map of the ensemble's class. "max": the pixel-wise max over every class's
+    # normalised map, for datasets whose foreground is the same kind of object in every class
+    # (GlaS: glands in benign and malignant images alike).
+    map_mode: str = "class"
     tta_flip: bool = False  # average each CAM with the CAM of the mirrored image (2x backbone)
 
     def __post_init__(self) -> None:
         self.image_size = tuple(int(v) for v in self.image_size)  # type: ignore[assignment]
+        if self.map_mode not in ("class", "max"):
+            raise ValueError(f"map_mode must be 'class' or 'max', not {self.map_mode!r}")
         if self.review_measure not in MEASURES:
             raise ValueError(f"unknown review measure {self.review_measure!r}")
         unknown = set(self.mask_classes or []) - set(self.classes)
@@ -171,7 +177,10 @@ class Ensemble:
         cfg = self.config
         c = int(out.label[index]) if label is None else label
         names = out.member_keys
-        stack = torch.stack([cam[index, c] for cam in out.cams])
+        if cfg.map_mode == "max":
+            stack = torch.stack([cam[index].amax(dim=0) for cam in out.cams])
+        else:
+            stack = torch.stack([cam[index, c] for cam in out.cams])
         maps = normalize_maps(resize_maps(stack, size)).numpy()
         member_maps = dict(zip(names, maps, strict=True))
         agreeing = [n for n, a in zip(names, out.agree[:, index].tolist(), strict=True) if a]

@@ -38,7 +38,7 @@ test: setup lint
 
 # Benchmarks (slow; results in bench/results/). GlaS needs DATA; a GPU is used when present.
 bench: setup
-	$(PY) bench/glas.py --data $(DATA) --out bench/results/glas
+	$(PY) bench/localization.py --data $(DATA) --out bench/results/localization
 	$(PY) bench/speed.py --out bench/results/speed.json
 
 clean:

@@ -1,4 +1,4 @@
-"""Markdown tables from bench/results/glas/*.json (python bench/report.py > bench/results/glas/summary.md)."""
+"""Markdown tables from bench/results/localization/*.json (python bench/report.py > bench/results/localization/summary.md)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 
-def main(folder: str = "bench/results/glas") -> None:
+def main(folder: str = "bench/results/localization") -> None:
     rows = [
         "| run | members (weights) | input | select | acc | map | PxAP | Dice fg | Dice bg | mIoU |",
         "|---|---|---|---|---|---|---|---|---|---|",

@@ -1,6 +1,6 @@
 """GlaS benchmark: train on `train` (85), evaluate on testA + testB (80).
 
-    python bench/glas.py --data ../shared/data/glas --out bench/results/glas \
+    python bench/localization.py --data ../shared/data/glas --out bench/results/localization \
         --configs lite:224,lite:448x320,paper:224
 
 Each config is MEMBERS:SIZE[:OUTPUT_STRIDE] with MEMBERS one of `lite` (EfficientNet-Lite0/1/2, ImageNet weights
@@ -111,7 +111,7 @@ def summary(results: list[dict]) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--data", default="../shared/data/glas")
-    p.add_argument("--out", default="bench/results/glas")
+    p.add_argument("--out", default="bench/results/localization")
     p.add_argument("--configs", default="lite:224,lite:448x320,paper:224")
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--patience", type=int, default=8)

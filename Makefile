@@ -6,7 +6,7 @@ DATA ?= ../shared/data/glas
 MODEL_DIR ?= models
 ARGS ?=
 
-.PHONY: setup run test lint bench clean
+.PHONY: setup run serve test lint bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,10 @@ run: setup
 _run:
 	$(VENV)/bin/camlabel train --data $(DATA) --out $(MODEL_DIR) $(ARGS)
 	$(VENV)/bin/camlabel evaluate --data $(DATA) --model $(MODEL_DIR) --split test --json $(MODEL_DIR)/evaluation.json
+
+# Serve the Label Studio ML backend on :9090 (MODEL_DIR=models; env vars in README).
+serve: setup
+	MODEL_DIR=$(MODEL_DIR) $(VENV)/bin/camlabel serve
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from wsl_models.cli import add_commands
@@ -21,7 +22,36 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
     add_commands(sub)
+    s = sub.add_parser("serve", help="serve the Label Studio ML backend with gunicorn")
+    s.add_argument("--host", default=os.environ.get("HOST", "0.0.0.0"))
+    s.add_argument("--port", type=int, default=int(os.environ.get("PORT", "9090")))
+    s.add_argument("--workers", type=int, default=int(os.environ.get("WORKERS", "1")))
+    s.add_argument("--threads", type=int, default=int(os.environ.get("THREADS", "4")))
+    s.add_argument("--timeout", type=int, default=int(os.environ.get("TIMEOUT", "120")))
+    s.set_defaults(func=cmd_serve)
     return parser
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Replace this process with gunicorn; each worker builds the app (and loads the model) once."""
+    argv = [
+        sys.executable,
+        "-m",
+        "gunicorn",
+        "--bind",
+        f"{args.host}:{args.port}",
+        "--workers",
+        str(args.workers),
+        "--threads",
+        str(args.threads),
+        "--timeout",
+        str(args.timeout),
+        "--access-logfile",
+        "-",
+        "backend.app:create_app()",
+    ]
+    os.execv(sys.executable, argv)
+    return 0  # not reached
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,153 @@
+"""The Label Studio ML backend protocol on Flask 3 (served by gunicorn: `camlabel serve`).
+
+Label Studio 1.23 calls GET /health (1 s timeout), POST /setup (3 s), POST /predict (100 s),
+POST /webhook (1 s) and GET /versions. Every error is a JSON body with an "error" key and a
+log line; nothing a client sends can take the server down.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import time
+from typing import Any
+
+from flask import Flask, Response, jsonify, request
+from werkzeug.exceptions import HTTPException
+
+from .fetch import ImageFetcher
+from .label_config import LabelConfigError
+from .model import UNTRAINED, CamLabelModel, ModelHolder
+from .settings import Settings
+
+log = logging.getLogger("camlabel.backend")
+
+TRAINING_EVENTS = {
+    "ANNOTATION_CREATED",
+    "ANNOTATION_UPDATED",
+    "ANNOTATIONS_DELETED",
+    "START_TRAINING",
+}
+
+
+class BadRequest(ValueError):
+    pass
+
+
+def create_app(settings: Settings | None = None) -> Flask:
+    settings = settings or Settings.from_env()
+    app = Flask("camlabel")
+    holder = ModelHolder(settings)
+    fetcher = ImageFetcher(settings)
+    app.config["camlabel"] = {"settings": settings, "holder": holder, "fetcher": fetcher}
+    holder.get()  # load the current version once per worker, before the first request
+
+    def body() -> dict[str, Any]:
+        data = request.get_json(silent=True)
+        if not isinstance(data, dict):
+            raise BadRequest("the request body must be a JSON object")
+        return data
+
+    def model_for(data: dict[str, Any], config_key: str) -> CamLabelModel:
+        config = data.get(config_key)
+        if not isinstance(config, str):
+            raise BadRequest(f"the request has no {config_key!r} (the project's label config)")
+        model = CamLabelModel(holder, fetcher, settings, config, str(data.get("project", "")))
+        model.setup()
+        return model
+
+    @app.before_request
+    def basic_auth() -> Response | None:
+        if not settings.basic_auth_user:
+            return None
+        auth = request.authorization
+        ok = (
+            auth is not None
+            and hmac.compare_digest(auth.username or "", settings.basic_auth_user)
+            and hmac.compare_digest(auth.password or "", settings.basic_auth_pass)
+        )
+        if ok:
+            return None
+        response = jsonify(error="authentication required")
+        response.status_code = 401
+        response.headers["WWW-Authenticate"] = 'Basic realm="camlabel"'
+        return response
+
+    @app.get("/")
+    @app.get("/health")
+    def health() -> Response:
+        _, version = holder.get()
+        return jsonify(
+            status="UP",
+            model_class="CamLabelModel",
+            model_version=version or UNTRAINED,
+            trained=version is not None,
+            load_error=holder.last_error,
+        )
+
+    @app.post("/setup")
+    def setup() -> Response:
+        model = model_for(body(), "schema")
+        return jsonify(model_version=model.model_version)
+
+    @app.post("/predict")
+    def predict() -> Response:
+        data = body()
+        tasks = data.get("tasks")
+        if not isinstance(tasks, list) or not tasks:
+            raise BadRequest("'tasks' must be a non-empty list")
+        model = model_for(data, "label_config")
+        start = time.perf_counter()
+        context = (
+            (data.get("params") or {}).get("context")
+            if isinstance(data.get("params"), dict)
+            else None
+        )
+        results = model.predict(tasks, context)
+        log.info(
+            "predict: %d tasks, %d failed, %.2f s",
+            len(tasks),
+            sum("error" in r for r in results),
+            time.perf_counter() - start,
+        )
+        return jsonify(results=results, model_version=model.model_version)
+
+    @app.post("/webhook")
+    def webhook() -> Response:
+        data = body()
+        action = data.get("action")
+        if not isinstance(action, str):
+            raise BadRequest("the webhook has no 'action'")
+        if action not in TRAINING_EVENTS:
+            return jsonify(status="ignored", action=action)
+        project = data.get("project")
+        if not isinstance(project, dict) or "id" not in project:
+            raise BadRequest(f"{action} webhook without a project id")
+        queue = app.config["camlabel"].get("queue")
+        if queue is None:
+            return jsonify(
+                status="not_queued", action=action, reason="no training queue configured"
+            )
+        job = queue.enqueue(project)
+        return jsonify(status="queued", action=action, job=job)
+
+    @app.get("/versions")
+    def versions() -> Response:
+        return jsonify(versions=holder.versions())
+
+    @app.errorhandler(BadRequest)
+    @app.errorhandler(LabelConfigError)
+    def bad_request(exc: Exception) -> tuple[Response, int]:
+        log.warning("%s %s: %s", request.method, request.path, exc)
+        return jsonify(error=str(exc)), 400
+
+    @app.errorhandler(HTTPException)
+    def http_error(exc: HTTPException) -> tuple[Response, int]:
+        return jsonify(error=exc.description), exc.code or 500
+
+    @app.errorhandler(Exception)
+    def unexpected(exc: Exception) -> tuple[Response, int]:
+        log.exception("%s %s failed", request.method, request.path)
+        return jsonify(error=f"internal error: {type(exc).__name__}: {exc}"), 500
+
+    return app

@@ -1,0 +1,150 @@
+"""Fetching task images: Label Studio uploads and local files, http(s) URLs, data: URIs.
+
+Label Studio 1.23 refuses legacy tokens by default; a personal access token (a JWT refresh
+token) must first be exchanged for an access token at /api/token/refresh/. The key is only sent
+to the Label Studio host, never to other hosts.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import threading
+from urllib.parse import urljoin, urlparse
+
+import requests
+from PIL import Image
+
+from wsl_models.images import ImageError, open_image
+
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class FetchError(ValueError):
+    """An image that could not be fetched; the message is safe to show (no secrets)."""
+
+
+def is_personal_access_token(key: str) -> bool:
+    return key.count(".") == 2 and key.startswith("ey")
+
+
+class LabelStudioAuth:
+    """Authorization header for Label Studio, exchanging a PAT for an access token once."""
+
+    def __init__(self, url: str, key: str, timeout: float = 10.0) -> None:
+        self.url = url.rstrip("/")
+        self.key = key
+        self.timeout = timeout
+        self._access: str | None = None
+        self._lock = threading.Lock()
+
+    def header(self, refresh: bool = False) -> dict[str, str]:
+        if not self.key:
+            return {}
+        if not is_personal_access_token(self.key):
+            return {"Authorization": f"Token {self.key}"}
+        with self._lock:
+            if self._access is None or refresh:
+                self._access = self._exchange()
+            return {"Authorization": f"Bearer {self._access}"}
+
+    def _exchange(self) -> str:
+        try:
+            r = requests.post(
+                f"{self.url}/api/token/refresh/", json={"refresh": self.key}, timeout=self.timeout
+            )
+        except requests.RequestException as exc:
+            raise FetchError(f"Label Studio at {self.url} is unreachable: {exc}") from exc
+        if r.status_code != 200 or "access" not in r.json():
+            raise FetchError(
+                f"Label Studio refused the personal access token (HTTP {r.status_code})"
+            )
+        return r.json()["access"]
+
+
+class ImageFetcher:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.auth = LabelStudioAuth(settings.label_studio_url, settings.label_studio_api_key)
+        self.session = requests.Session()
+
+    def resolve(self, url: str) -> str:
+        """Relative Label Studio paths (/data/upload/..., /data/local-files/?d=...) -> absolute."""
+        if url.startswith("/"):
+            if not self.settings.label_studio_url:
+                raise FetchError(f"relative image URL {url!r} needs LABEL_STUDIO_URL to be set")
+            return urljoin(self.settings.label_studio_url + "/", url.lstrip("/"))
+        return url
+
+    def _is_label_studio(self, url: str) -> bool:
+        base = urlparse(self.settings.label_studio_url)
+        target = urlparse(url)
+        return bool(base.netloc) and (target.scheme, target.netloc) == (base.scheme, base.netloc)
+
+    def fetch(self, url: str) -> Image.Image:
+        if not isinstance(url, str) or not url:
+            raise FetchError("the image field is empty or not a string")
+        if url.startswith("data:"):
+            return self._decode(_data_uri_bytes(url), "data: URI")
+        absolute = self.resolve(url)
+        scheme = urlparse(absolute).scheme
+        if scheme not in ("http", "https"):
+            raise FetchError(f"unsupported image URL scheme {scheme!r} in {url[:100]!r}")
+        return self._decode(self._download(absolute), url)
+
+    def _download(self, url: str) -> bytes:
+        to_ls = self._is_label_studio(url)
+        headers = self.auth.header() if to_ls else {}
+        response = self._get(url, headers)
+        if response.status_code == 401 and to_ls and headers:
+            response.close()
+            response = self._get(url, self.auth.header(refresh=True))
+        with response:
+            if response.status_code != 200:
+                raise FetchError(f"image URL {_short(url)} answered HTTP {response.status_code}")
+            limit = self.settings.max_download_mb * 1024 * 1024
+            declared = int(response.headers.get("Content-Length") or 0)
+            if declared > limit:
+                raise FetchError(f"image at {_short(url)} is {declared} bytes, above {limit}")
+            chunks, size = [], 0
+            for chunk in response.iter_content(1 << 16):
+                size += len(chunk)
+                if size > limit:
+                    raise FetchError(f"image at {_short(url)} is larger than {limit} bytes")
+                chunks.append(chunk)
+        return b"".join(chunks)
+
+    def _get(self, url: str, headers: dict[str, str]) -> requests.Response:
+        try:
+            return self.session.get(
+                url, headers=headers, timeout=self.settings.fetch_timeout, stream=True
+            )
+        except requests.Timeout as exc:
+            raise FetchError(f"image URL {_short(url)} timed out") from exc
+        except requests.RequestException as exc:
+            raise FetchError(
+                f"image URL {_short(url)} is unreachable ({type(exc).__name__})"
+            ) from exc
+
+    def _decode(self, data: bytes, name: str) -> Image.Image:
+        try:
+            return open_image(data, self.settings.max_image_pixels)
+        except ImageError as exc:
+            raise FetchError(f"{_short(name)}: {str(exc).removeprefix('<bytes>: ')}") from exc
+
+
+def _data_uri_bytes(uri: str) -> bytes:
+    header, _, payload = uri.partition(",")
+    if ";base64" not in header:
+        raise FetchError("only base64 data: URIs are supported")
+    try:
+        return base64.b64decode(payload, validate=True)
+    except ValueError as exc:
+        raise FetchError("the data: URI is not valid base64") from exc
+
+
+def _short(url: str) -> str:
+    """A URL for messages: no query string (it may carry a signature or token)."""
+    return url.split("?", 1)[0][:200] if not url.startswith("/data/local-files") else url[:200]

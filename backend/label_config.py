@@ -1,0 +1,69 @@
+"""What the backend needs from a Label Studio label config, parsed with the SDK."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from label_studio_sdk.label_interface import LabelInterface
+
+
+class LabelConfigError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class ProjectSchema:
+    image_name: str  # <Image name=...>
+    image_key: str  # the task data key in value="$key"
+    brush_name: str | None  # <BrushLabels name=...>: mask classes
+    brush_labels: tuple[str, ...]
+    choices_name: str | None  # <Choices name=...>: the image-level class
+    choices: tuple[str, ...]
+
+    def label_for(
+        self, model_class: str, options: tuple[str, ...], mapping: dict[str, str]
+    ) -> str | None:
+        """The project label for a model class: LABEL_MAP first, then the same name (any case)."""
+        if model_class in mapping:
+            wanted = mapping[model_class]
+            return wanted if wanted in options else None
+        for option in options:
+            if option.lower() == model_class.lower():
+                return option
+        return None
+
+
+def parse_label_map(text: str) -> dict[str, str]:
+    pairs = [item.split("=", 1) for item in text.split(",") if "=" in item]
+    return {k.strip(): v.strip() for k, v in pairs}
+
+
+def parse_label_config(xml: str) -> ProjectSchema:
+    if not xml or not xml.strip():
+        raise LabelConfigError("the label config is empty")
+    try:
+        interface = LabelInterface(xml)
+    except Exception as exc:  # the SDK raises several XML/validation error types
+        raise LabelConfigError(f"the label config cannot be parsed: {exc}") from exc
+    images = [o for o in interface.objects if o.tag == "Image"]
+    if not images:
+        raise LabelConfigError("the label config has no <Image> object")
+    image = images[0]
+    brush = next(
+        (c for c in interface.controls if c.tag == "BrushLabels" and image.name in c.to_name), None
+    )
+    choices = next(
+        (c for c in interface.controls if c.tag == "Choices" and image.name in c.to_name), None
+    )
+    if brush is None and choices is None:
+        raise LabelConfigError(
+            f"the label config has neither <BrushLabels> nor <Choices> for image {image.name!r}"
+        )
+    return ProjectSchema(
+        image_name=image.name,
+        image_key=str(image.value).lstrip("$"),
+        brush_name=brush.name if brush else None,
+        brush_labels=tuple(brush.labels) if brush else (),
+        choices_name=choices.name if choices else None,
+        choices=tuple(choices.labels) if choices else (),
+    )

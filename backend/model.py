@@ -1,0 +1,182 @@
+"""The model class, shaped like label-studio-ml 2.x's LabelStudioMLBase: setup / predict / fit."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import uuid
+from typing import Any
+
+import torch
+
+from wsl_models.ensemble import Ensemble, EnsembleOutput
+from wsl_models.images import to_tensor
+from wsl_models.training import resolve_device
+from wsl_models.versions import ModelStore, VersionError
+
+from .fetch import FetchError, ImageFetcher
+from .label_config import ProjectSchema, parse_label_config, parse_label_map
+from .rle import mask_to_rle
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+UNTRAINED = "untrained"
+
+
+class ModelHolder:
+    """This worker's current ensemble; reloaded when MODEL_DIR/CURRENT points elsewhere."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.store = ModelStore(settings.model_dir)
+        self.device = resolve_device(settings.device)
+        self._lock = threading.Lock()
+        self._ensemble: Ensemble | None = None
+        self._version: str | None = None
+        self.last_error: str | None = None
+
+    def get(self) -> tuple[Ensemble | None, str | None]:
+        wanted = self.store.current_id()
+        if wanted and wanted != self._version:
+            with self._lock:
+                if wanted != self._version:
+                    try:
+                        self._ensemble = self.store.load(wanted, self.device)
+                        self._version, self.last_error = wanted, None
+                        log.info("serving model version %s", wanted)
+                    except VersionError as exc:  # keep serving the version we have
+                        self.last_error = str(exc)
+                        log.error("cannot load version %s: %s", wanted, exc)
+        return self._ensemble, self._version
+
+    def versions(self) -> list[str]:
+        return self.store.version_ids()
+
+
+class CamLabelModel:
+    """One request's view of the model: the project's label config plus the shared ensemble."""
+
+    def __init__(
+        self,
+        holder: ModelHolder,
+        fetcher: ImageFetcher,
+        settings: Settings,
+        label_config: str,
+        project_id: str | None = None,
+    ) -> None:
+        self.holder = holder
+        self.fetcher = fetcher
+        self.settings = settings
+        self.label_config = label_config
+        self.project_id = project_id
+        self.schema: ProjectSchema | None = None
+
+    def setup(self) -> None:
+        self.schema = parse_label_config(self.label_config)
+
+    @property
+    def model_version(self) -> str:
+        return self.holder.get()[1] or UNTRAINED
+
+    def predict(self, tasks: list[dict[str, Any]], context: dict | None = None) -> list[dict]:
+        """One prediction per task, in order. A task that fails gets {"error": ...} only."""
+        if self.schema is None:
+            self.setup()
+        ensemble, version = self.holder.get()
+        if ensemble is None:
+            return [{"result": [], "model_version": UNTRAINED} for _ in tasks]
+        out: list[dict] = []
+        batch = max(1, self.settings.predict_batch)
+        for start in range(0, len(tasks), batch):
+            out += self._predict_batch(ensemble, version, tasks[start : start + batch])
+        return out
+
+    def _predict_batch(self, ensemble: Ensemble, version: str, tasks: list[dict]) -> list[dict]:
+        results: list[dict | None] = [None] * len(tasks)
+        images = []
+        for i, task in enumerate(tasks):
+            try:
+                images.append((i, self.fetcher.fetch(self._image_url(task))))
+            except FetchError as exc:
+                task_id = task.get("id") if isinstance(task, dict) else None
+                log.warning("task %s: %s", task_id, exc)
+                results[i] = {"error": f"task {task_id}: {exc}"}
+        if images:
+            size = ensemble.config.image_size
+            x = torch.stack([to_tensor(img, size) for _, img in images])
+            output = ensemble.predict(x, seed=0)
+            for j, (i, img) in enumerate(images):
+                results[i] = self._task_result(ensemble, output, j, img.size, version)
+        return [r for r in results if r is not None]
+
+    def _image_url(self, task: Any) -> str:
+        key = self.schema.image_key
+        if not isinstance(task, dict) or not isinstance(task.get("data"), dict):
+            raise FetchError("the task has no 'data' object")
+        if key not in task["data"]:
+            raise FetchError(f"the task data has no {key!r} field")
+        return task["data"][key]
+
+    def _task_result(
+        self,
+        ensemble: Ensemble,
+        out: EnsembleOutput,
+        j: int,
+        size: tuple[int, int],
+        version: str,
+    ) -> dict:
+        schema, cfg = self.schema, ensemble.config
+        width, height = size
+        masks = ensemble.masks(out, j, (height, width))
+        label = cfg.classes[masks.label]
+        confidence = float(out.confidence[j])
+        mapping = parse_label_map(self.settings.label_map)
+        regions: list[dict] = []
+        if schema.choices_name:
+            choice = schema.label_for(label, schema.choices, mapping)
+            if choice is not None:
+                regions.append(
+                    {
+                        "id": uuid.uuid4().hex[:10],
+                        "from_name": schema.choices_name,
+                        "to_name": schema.image_name,
+                        "type": "choices",
+                        "value": {"choices": [choice]},
+                        "score": confidence,
+                    }
+                )
+        if schema.brush_name and masks.mask is not None and masks.mask.any():
+            brush = schema.label_for(label, schema.brush_labels, mapping)
+            if brush is not None:
+                regions.append(
+                    {
+                        "id": uuid.uuid4().hex[:10],
+                        "from_name": schema.brush_name,
+                        "to_name": schema.image_name,
+                        "type": "brushlabels",
+                        "original_width": width,
+                        "original_height": height,
+                        "image_rotation": 0,
+                        "value": {
+                            "format": "rle",
+                            "rle": mask_to_rle(masks.mask),
+                            "brushlabels": [brush],
+                        },
+                        "score": confidence,
+                    }
+                )
+        if bool(out.flagged[j]) and regions:
+            unc = out.uncertainty
+            note = (
+                f"camlabel: please review: entropy {float(unc['entropy'][j]):.2f}, "
+                f"{len(masks.agreeing)}/{len(cfg.members)} models agree"
+            )
+            for region in regions:
+                region["meta"] = {"text": [note]}
+        return {
+            "result": regions,
+            "score": confidence,
+            "model_version": version,
+            "flagged": bool(out.flagged[j]),
+            "uncertainty": {k: float(v[j]) for k, v in out.uncertainty.items()},
+        }

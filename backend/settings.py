@@ -1,0 +1,41 @@
+"""Configuration from environment variables, the label-studio-ml convention, with defaults."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+
+def _env(name: str, default: str = "") -> str:
+    return os.environ.get(name, default).strip()
+
+
+@dataclass(frozen=True)
+class Settings:
+    model_dir: str = "models"  # MODEL_DIR: versions + CURRENT (shared by all workers)
+    label_studio_url: str = ""  # LABEL_STUDIO_URL: base for relative image URLs and the API
+    label_studio_api_key: str = field(default="", repr=False)  # LABEL_STUDIO_API_KEY: PAT or legacy
+    basic_auth_user: str = ""  # BASIC_AUTH_USER / BASIC_AUTH_PASS: protect every route
+    basic_auth_pass: str = field(default="", repr=False)
+    device: str = "auto"  # DEVICE: auto | cpu | cuda
+    predict_batch: int = 8  # PREDICT_BATCH: images per forward pass (bounds memory)
+    fetch_timeout: float = 15.0  # FETCH_TIMEOUT: seconds per image download
+    max_download_mb: int = 64  # MAX_DOWNLOAD_MB: larger responses are refused
+    max_image_pixels: int = 100_000_000  # MAX_IMAGE_PIXELS: larger images are refused
+    label_map: str = ""  # LABEL_MAP: "model_class=Label,..." when names differ
+
+    @classmethod
+    def from_env(cls) -> Settings:
+        return cls(
+            model_dir=_env("MODEL_DIR", cls.model_dir),
+            label_studio_url=_env("LABEL_STUDIO_URL").rstrip("/"),
+            label_studio_api_key=_env("LABEL_STUDIO_API_KEY"),
+            basic_auth_user=_env("BASIC_AUTH_USER"),
+            basic_auth_pass=_env("BASIC_AUTH_PASS"),
+            device=_env("DEVICE", cls.device),
+            predict_batch=int(_env("PREDICT_BATCH", str(cls.predict_batch))),
+            fetch_timeout=float(_env("FETCH_TIMEOUT", str(cls.fetch_timeout))),
+            max_download_mb=int(_env("MAX_DOWNLOAD_MB", str(cls.max_download_mb))),
+            max_image_pixels=int(_env("MAX_IMAGE_PIXELS", str(cls.max_image_pixels))),
+            label_map=_env("LABEL_MAP"),
+        )

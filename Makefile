@@ -6,7 +6,7 @@ DATA ?= ../shared/data/glas
 MODEL_DIR ?= models
 ARGS ?=
 
-.PHONY: setup run serve test lint bench clean
+.PHONY: setup labelstudio run serve test lint bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,6 +16,16 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 setup: $(VENV)/.installed
+
+# A real Label Studio for the end-to-end test, in its own venv (about 1 GB, 2 minutes).
+LSVENV ?= .lsvenv
+$(LSVENV)/.installed:
+	$(PYTHON) -m venv $(LSVENV)
+	$(LSVENV)/bin/python -m pip install -q --upgrade pip
+	$(LSVENV)/bin/python -m pip install -q label-studio==1.23.2
+	touch $@
+
+labelstudio: $(LSVENV)/.installed
 
 # Train the ensemble on DATA (GlaS layout) and evaluate it; with no DATA folder a synthetic set is made.
 run: setup
@@ -37,7 +47,7 @@ lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-test: setup lint
+test: setup labelstudio lint
 	$(VENV)/bin/pytest -q
 
 # Benchmarks (slow; results in bench/results/). GlaS needs DATA; a GPU is used when present.
@@ -46,4 +56,4 @@ bench: setup
 	$(PY) bench/speed.py --out bench/results/speed.json
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(LSVENV) runs .pytest_cache .ruff_cache

@@ -16,6 +16,7 @@ from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from .fetch import ImageFetcher
+from .jobs import TrainingQueue
 from .label_config import LabelConfigError
 from .model import UNTRAINED, CamLabelModel, ModelHolder
 from .settings import Settings
@@ -34,12 +35,18 @@ class BadRequest(ValueError):
     pass
 
 
-def create_app(settings: Settings | None = None) -> Flask:
+def create_app(settings: Settings | None = None, queue: TrainingQueue | None = None) -> Flask:
     settings = settings or Settings.from_env()
     app = Flask("camlabel")
     holder = ModelHolder(settings)
     fetcher = ImageFetcher(settings)
-    app.config["camlabel"] = {"settings": settings, "holder": holder, "fetcher": fetcher}
+    queue = queue or TrainingQueue(settings)
+    app.config["camlabel"] = {
+        "settings": settings,
+        "holder": holder,
+        "fetcher": fetcher,
+        "queue": queue,
+    }
     holder.get()  # load the current version once per worker, before the first request
 
     def body() -> dict[str, Any]:
@@ -83,6 +90,8 @@ def create_app(settings: Settings | None = None) -> Flask:
             model_version=version or UNTRAINED,
             trained=version is not None,
             load_error=holder.last_error,
+            jobs=queue.log.read(),
+            queue_pending=queue.huey.pending_count(),
         )
 
     @app.post("/setup")
@@ -123,17 +132,17 @@ def create_app(settings: Settings | None = None) -> Flask:
         project = data.get("project")
         if not isinstance(project, dict) or "id" not in project:
             raise BadRequest(f"{action} webhook without a project id")
-        queue = app.config["camlabel"].get("queue")
-        if queue is None:
-            return jsonify(
-                status="not_queued", action=action, reason="no training queue configured"
-            )
-        job = queue.enqueue(project)
-        return jsonify(status="queued", action=action, job=job)
+        return jsonify(status=queue.enqueue(project), action=action)
 
     @app.get("/versions")
     def versions() -> Response:
         return jsonify(versions=holder.versions())
+
+    @app.get("/versions/<vid>")
+    def version(vid: str) -> Response | tuple[Response, int]:
+        if vid not in holder.versions():
+            return jsonify(error=f"no version {vid!r}"), 404
+        return jsonify(holder.store.manifest(vid))
 
     @app.errorhandler(BadRequest)
     @app.errorhandler(LabelConfigError)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import subprocess
 import sys
 
 from wsl_models.cli import add_commands
@@ -29,11 +30,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--threads", type=int, default=int(os.environ.get("THREADS", "4")))
     s.add_argument("--timeout", type=int, default=int(os.environ.get("TIMEOUT", "120")))
     s.set_defaults(func=cmd_serve)
+    w = sub.add_parser("worker", help="run the training queue (started by serve)")
+    w.set_defaults(func=cmd_worker)
     return parser
 
 
+def cmd_worker(args: argparse.Namespace) -> int:
+    from backend.jobs import TrainingQueue
+    from backend.settings import Settings
+
+    TrainingQueue(Settings.from_env()).run_consumer()
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
-    """Replace this process with gunicorn; each worker builds the app (and loads the model) once."""
+    """gunicorn (each worker builds the app and loads the model once) plus the training worker."""
     argv = [
         sys.executable,
         "-m",
@@ -50,8 +61,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "-",
         "backend.app:create_app()",
     ]
-    os.execv(sys.executable, argv)
-    return 0  # not reached
+    # The training consumer runs beside gunicorn, in its own process, one job at a time.
+    worker = subprocess.Popen([sys.executable, "-m", "backend.cli", "worker"])
+    try:
+        return subprocess.call(argv)
+    finally:
+        worker.terminate()
+        worker.wait(timeout=30)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -181,11 +181,22 @@ def test_malformed_requests_are_400_with_json_errors(client):
     assert client.get("/health").status_code == 200  # still serving
 
 
-def test_webhook_events(client):
+def test_webhooks_queue_one_persistent_job_per_burst(model_dir, tmp_path):
+    from backend.jobs import TrainingQueue
+
+    settings = Settings(model_dir=str(tmp_path / "m"))
+    client = create_app(settings).test_client()
     r = client.post("/webhook", json={"action": "PROJECT_UPDATED", "project": {"id": 1}})
     assert r.status_code == 200 and r.get_json()["status"] == "ignored"
-    r = client.post("/webhook", json={"action": "START_TRAINING", "project": {"id": 1}})
-    assert r.status_code == 200 and r.get_json()["status"] in ("queued", "not_queued")
+    statuses = [
+        client.post("/webhook", json={"action": action, "project": {"id": 3}}).get_json()["status"]
+        for action in ("ANNOTATION_CREATED", "ANNOTATION_UPDATED", "START_TRAINING")
+    ]
+    assert statuses == ["queued", "already-queued", "already-queued"]
+    # The queue is a file: a new process (a restarted server) sees the same single job.
+    restarted = TrainingQueue(settings)
+    assert restarted.huey.pending_count() == 1
+    assert client.get("/health").get_json()["jobs"]["3"]["state"] == "queued"
 
 
 def test_untrained_backend_still_serves(tmp_path):

@@ -1,0 +1,200 @@
+"""End to end against a real Label Studio 1.23.2: pre-annotate, learn from annotators, rank.
+
+Label Studio runs from its own venv (.lsvenv, made by `make test`) on loopback with SQLite;
+the backend runs as `camlabel serve` (gunicorn + training worker) in a subprocess.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+from PIL import Image
+
+from backend.rle import mask_to_rle, rle_to_mask
+from wsl_models.synthetic import blob_image
+
+from .ls_harness import LS_BIN, LabelStudio, free_port, wait_http
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = (ROOT / "label_config" / "finding_normal.xml").read_text()
+
+pytestmark = pytest.mark.skipif(
+    os.environ.get("CAMLABEL_SKIP_E2E") == "1", reason="CAMLABEL_SKIP_E2E=1"
+)
+
+
+@pytest.fixture(scope="module")
+def label_studio(tmp_path_factory):
+    if not LS_BIN.exists():
+        pytest.fail(
+            f"Label Studio not installed at {LS_BIN}: run `make test` (it installs .lsvenv)"
+        )
+    ls = LabelStudio(tmp_path_factory.mktemp("ls")).start()
+    yield ls
+    ls.stop()
+
+
+@pytest.fixture(scope="module")
+def backend(label_studio, tmp_path_factory):
+    port = free_port()
+    env = {
+        **os.environ,
+        "MODEL_DIR": str(tmp_path_factory.mktemp("models")),
+        "LABEL_STUDIO_URL": label_studio.url,
+        "LABEL_STUDIO_API_KEY": label_studio.pat,
+        "PORT": str(port),
+        "HOST": "127.0.0.1",
+        "WORKERS": "2",
+        "TRAIN_MEMBERS": "tiny,tiny",
+        "TRAIN_IMAGE_SIZE": "96",
+        "TRAIN_EPOCHS": "30",
+        "TRAIN_LR": "0.003",
+        "TRAIN_WEIGHTS": "none",
+    }
+    log = (Path(env["MODEL_DIR"]) / "backend.log").open("w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "backend.cli", "serve"],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    wait_http(f"{url}/health", 60, proc)
+    yield url
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def _wait_for_training(backend: str, project: int, previous: str | None, timeout: float = 240):
+    deadline = time.time() + timeout
+    failures = 0
+    while time.time() < deadline:
+        health = requests.get(f"{backend}/health", timeout=5).json()
+        job = health["jobs"].get(str(project), {})
+        failures = (
+            failures + 1 if job.get("state") == "failed" and not health["queue_pending"] else 0
+        )
+        if failures >= 3:  # the last job failed and nothing else is queued
+            raise AssertionError(f"training failed: {job}")
+        if (
+            job.get("state") == "done"
+            and health["queue_pending"] == 0
+            and job.get("version") not in (None, previous)
+        ):
+            return job["version"]
+        time.sleep(2)
+    raise TimeoutError(f"no new version within {timeout} s: {health}")
+
+
+def test_pre_annotate_learn_and_rank(label_studio, backend, tmp_path):
+    ls = label_studio
+    rng = np.random.default_rng(3)
+    images, truths = {}, {}
+    for i in range(20):
+        label = "finding" if i % 2 == 0 else "normal"
+        img, mask = blob_image(rng, (96, 96), 1 if label == "finding" else 0)
+        name = f"img_{i:02d}_{label}.png"
+        Image.fromarray(img).save(tmp_path / name)
+        images[name], truths[name] = label, mask
+
+    project = ls.api(
+        "POST", "/api/projects", json={"title": "camlabel e2e", "label_config": CONFIG}
+    )
+    assert project.status_code == 201, project.text
+    pid = project.json()["id"]
+    files = {n: (n, (tmp_path / n).open("rb"), "image/png") for n in images}
+    r = ls.api("POST", f"/api/projects/{pid}/import", files=files)
+    assert r.status_code == 201, r.text
+    tasks = ls.api("GET", "/api/tasks", params={"project": pid, "page_size": 100}).json()["tasks"]
+    assert len(tasks) == 20
+    by_name = {t["data"]["image"].rsplit("-", 1)[-1]: t for t in tasks}  # uploads are prefixed
+    assert set(by_name) == set(images)
+    assert all(t["data"]["image"].startswith("/data/upload/") for t in tasks)  # relative URLs
+
+    ml = ls.api("POST", "/api/ml", json={"project": pid, "url": backend, "title": "camlabel"})
+    assert ml.status_code == 201, ml.text
+    ml_id = ml.json()["id"]
+
+    # Annotators give image-level labels to 14 images; 6 stay unlabelled.
+    names = sorted(images)
+    labelled, unlabelled = names[:14], names[14:]
+    for n in labelled:
+        choice = {
+            "from_name": "diagnosis", "to_name": "image", "type": "choices",
+            "value": {"choices": [images[n]]},
+        }  # fmt: skip
+        r = ls.api("POST", f"/api/tasks/{by_name[n]['id']}/annotations", json={"result": [choice]})
+        assert r.status_code == 201, r.text
+    assert ls.api("POST", f"/api/ml/{ml_id}/train").status_code in (200, 201)
+    v1 = _wait_for_training(backend, pid, None)
+    assert ls.api("GET", f"/api/projects/{pid}").json()["model_version"] == v1
+
+    # The job stored predictions of v1 for every task. A task imported now has none: Label
+    # Studio's "Retrieve predictions" sends it to /predict (tasks with a v1 prediction are skipped).
+    img, _ = blob_image(rng, (96, 96), 1)
+    Image.fromarray(img).save(tmp_path / "late.png")
+    r = ls.api(
+        "POST",
+        f"/api/projects/{pid}/import",
+        files={"late.png": (tmp_path / "late.png").open("rb")},
+    )
+    assert r.status_code == 201, r.text
+    r = ls.api(
+        "POST",
+        "/api/dm/actions",
+        params={"id": "retrieve_tasks_predictions", "project": pid},
+        json={"selectedItems": {"all": True, "excluded": []}},
+    )
+    assert r.status_code == 200, r.text
+    preds = ls.api("GET", "/api/predictions", params={"project": pid}).json()
+    preds = [p for p in preds if p["model_version"] == v1]
+    assert len(preds) == 21 and len({p["task"] for p in preds}) == 21
+    task_name = {t["id"]: n for n, t in by_name.items()}
+    brushes = 0
+    for p in preds:
+        assert 0.0 <= p["score"] <= 1.0
+        types = {r["type"]: r for r in p["result"]}
+        assert types["choices"]["value"]["choices"][0] in ("finding", "normal")
+        if "brushlabels" in types:
+            b = types["brushlabels"]
+            mask = rle_to_mask(b["value"]["rle"], b["original_height"], b["original_width"])
+            assert mask.shape == (96, 96) and mask.any()
+            brushes += 1
+    assert brushes >= 3
+
+    # Uncertainty sampling serves the unlabelled task with the lowest score first.
+    r = ls.api("PATCH", f"/api/projects/{pid}", json={"sampling": "Uncertainty sampling"})
+    assert r.status_code == 200, r.text
+    unlabelled_ids = {by_name[n]["id"] for n in unlabelled}
+    lowest = min((p for p in preds if p["task"] in unlabelled_ids), key=lambda p: p["score"])
+    nxt = ls.api("GET", f"/api/projects/{pid}/next")
+    assert nxt.status_code == 200, nxt.text
+    assert nxt.json()["id"] == lowest["task"]
+
+    # A human brush mask on one more image; the next training uses it.
+    n = next(n for n in unlabelled if images[n] == "finding")
+    human = [
+        {"from_name": "diagnosis", "to_name": "image", "type": "choices",
+         "value": {"choices": ["finding"]}},
+        {"from_name": "mask", "to_name": "image", "type": "brushlabels",
+         "original_width": 96, "original_height": 96, "image_rotation": 0,
+         "value": {"format": "rle", "rle": mask_to_rle(truths[n]), "brushlabels": ["finding"]}},
+    ]  # fmt: skip
+    r = ls.api("POST", f"/api/tasks/{by_name[n]['id']}/annotations", json={"result": human})
+    assert r.status_code == 201, r.text
+    assert ls.api("POST", f"/api/ml/{ml_id}/train").status_code in (200, 201)
+    v2 = _wait_for_training(backend, pid, v1)
+    assert v2 != v1
+    assert ls.api("GET", f"/api/projects/{pid}").json()["model_version"] == v2
+    assert set(requests.get(f"{backend}/versions", timeout=5).json()["versions"]) >= {v1, v2}
+    manifest = requests.get(f"{backend}/versions/{v2}", timeout=5).json()
+    assert manifest["metrics"]["source"]["masks"] == 1
+    assert manifest["metrics"]["source"]["used"] == 15
+    assert task_name  # every task name was resolved

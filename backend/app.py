@@ -132,7 +132,8 @@ def create_app(settings: Settings | None = None, queue: TrainingQueue | None = N
         project = data.get("project")
         if not isinstance(project, dict) or "id" not in project:
             raise BadRequest(f"{action} webhook without a project id")
-        return jsonify(status=queue.enqueue(project), action=action)
+        model = CamLabelModel(holder, fetcher, settings, "", str(project["id"]))
+        return jsonify(status=model.fit(action, data, queue), action=action)
 
     @app.get("/versions")
     def versions() -> Response:

@@ -214,7 +214,10 @@ def train_from_project(settings: Settings, project_id: int, train: TrainingSetti
             mask_classes=masked,
         )
         cfg = TrainConfig(epochs=train.epochs, lr=train.lr, weights=train.weights, progress=False)
-        ensemble, metrics = train_ensemble(dataset, ens_cfg, cfg)
+        current = store.current_id()
+        previous = store.load(current) if current else None
+        ensemble, metrics = train_ensemble(dataset, ens_cfg, cfg, init=previous)
+        metrics["fine_tuned_from"] = current if metrics["fine_tuned"] else None
         metrics["source"] = {"project": project_id, **counts}
         version = store.save(ensemble, metrics)
         predicted = predict_project(settings, api, project_id, project["label_config"])

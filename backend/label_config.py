@@ -55,9 +55,11 @@ def parse_label_config(xml: str) -> ProjectSchema:
     choices = next(
         (c for c in interface.controls if c.tag == "Choices" and image.name in c.to_name), None
     )
-    if brush is None and choices is None:
+    if brush is None:
+        what = "neither <BrushLabels> nor <Choices>" if choices is None else "no <BrushLabels>"
         raise LabelConfigError(
-            f"the label config has neither <BrushLabels> nor <Choices> for image {image.name!r}"
+            f"the label config has {what} for image {image.name!r}: camlabel pre-annotates "
+            "brush masks (and reads image-level labels from an optional <Choices>)"
         )
     return ProjectSchema(
         image_name=image.name,

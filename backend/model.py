@@ -78,6 +78,10 @@ class CamLabelModel:
     def model_version(self) -> str:
         return self.holder.get()[1] or UNTRAINED
 
+    def fit(self, event: str, data: dict[str, Any], queue: Any) -> str:
+        """Training runs in the background: queue a job for the event's project."""
+        return queue.enqueue(data["project"])
+
     def predict(self, tasks: list[dict[str, Any]], context: dict | None = None) -> list[dict]:
         """One prediction per task, in order. A task that fails gets {"error": ...} only."""
         if self.schema is None:

@@ -115,6 +115,24 @@ def test_predict_returns_class_score_and_an_rle_mask_at_the_image_size(client, s
     assert set(pred["uncertainty"]) >= {"entropy", "bald", "disagreement"}
 
 
+def test_flagged_images_carry_a_visible_review_note(model_dir, server, synth_dir):
+    from wsl_models.versions import ModelStore as Store
+
+    app = create_app(Settings(model_dir=str(model_dir)))
+    ensemble, _ = app.config["camlabel"]["holder"].get()
+    old = ensemble.config.review_threshold
+    ensemble.config.review_threshold = -1.0  # every image is "too uncertain"
+    try:
+        image = synth_dir / "images" / "test_lesion_0.png"
+        r = _predict(app.test_client(), [{"id": 1, "data": {"image": _data_uri(image)}}])
+    finally:
+        ensemble.config.review_threshold = old
+    (pred,) = r.get_json()["results"]
+    assert pred["flagged"] is True
+    assert all("please review" in region["meta"]["text"][0] for region in pred["result"])
+    assert Store(model_dir).current_id() == pred["model_version"]
+
+
 def test_normal_image_gets_a_choice_and_no_brush(client, synth_dir):
     image = synth_dir / "images" / "test_normal_1.png"
     (pred,) = _predict(client, [{"id": 1, "data": {"image": _data_uri(image)}}]).get_json()[
@@ -177,6 +195,9 @@ def test_malformed_requests_are_400_with_json_errors(client):
         assert response.status_code == 400, response.get_json()
         assert response.get_json()["error"]
     assert "neither <BrushLabels> nor <Choices>" in cases[3].get_json()["error"]
+    choices_only = SYNTH_CONFIG.split("<BrushLabels")[0] + "</View>"
+    r = client.post("/setup", json={"schema": choices_only})
+    assert r.status_code == 400 and "no <BrushLabels>" in r.get_json()["error"]
     assert client.get("/nope").status_code == 404
     assert client.get("/health").status_code == 200  # still serving
 

@@ -197,4 +197,5 @@ def test_pre_annotate_learn_and_rank(label_studio, backend, tmp_path):
     manifest = requests.get(f"{backend}/versions/{v2}", timeout=5).json()
     assert manifest["metrics"]["source"]["masks"] == 1
     assert manifest["metrics"]["source"]["used"] == 15
+    assert manifest["metrics"]["fine_tuned_from"] == v1
     assert task_name  # every task name was resolved

@@ -107,3 +107,17 @@ def test_localization_checkpoint_selection(synth_dir):
     assert "intersection" in text and "baseline_all_ones" in text
     with pytest.raises(ValueError, match="select"):
         train_ensemble(ds, cfg, TrainConfig(epochs=1, weights="none", select="vibes"))
+
+
+def test_fine_tuning_starts_from_a_compatible_previous_version(synth_dir):
+    ds = load_dataset(synth_dir)
+    cfg = EnsembleConfig(list(ds.classes), ["tiny"], (64, 64))
+    first, _ = train_ensemble(ds, cfg, TrainConfig(epochs=1, weights="none", progress=False))
+    tcfg = TrainConfig(epochs=0, weights="none", progress=False)  # no step: weights must carry over
+    again, metrics = train_ensemble(ds, cfg, tcfg, init=first)
+    assert metrics["fine_tuned"] is True
+    a, b = first.members[0].state_dict(), again.members[0].state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    other = EnsembleConfig(list(ds.classes), ["tiny", "tiny"], (64, 64))
+    _, metrics = train_ensemble(ds, other, tcfg, init=first)
+    assert metrics["fine_tuned"] is False

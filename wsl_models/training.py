@@ -260,10 +260,31 @@ def calibrate(
     return report
 
 
+def compatible(previous: Ensemble | None, ens_cfg: EnsembleConfig) -> bool:
+    """Whether a previous version's weights can initialise this configuration (fine-tuning)."""
+    if previous is None:
+        return False
+    p = previous.config
+    return (p.members, p.classes, p.output_stride) == (
+        list(ens_cfg.members),
+        list(ens_cfg.classes),
+        ens_cfg.output_stride,
+    )
+
+
 def train_ensemble(
-    dataset: Dataset, ens_cfg: EnsembleConfig, cfg: TrainConfig, split: str = "train"
+    dataset: Dataset,
+    ens_cfg: EnsembleConfig,
+    cfg: TrainConfig,
+    split: str = "train",
+    init: Ensemble | None = None,
 ) -> tuple[Ensemble, dict[str, Any]]:
-    """Train every member on ``split`` with a stratified hold-out; calibrate; return the ensemble."""
+    """Train every member on ``split`` with a stratified hold-out; calibrate; return the ensemble.
+
+    ``init``: a previous version to fine-tune from when it is compatible (same members, classes
+    and output stride); otherwise members start from their ``weights``.
+    """
+    fine_tune = compatible(init, ens_cfg)
     samples = dataset.split(split)
     val_named = [s for s in dataset.samples if s.split in ("val", "valid", "validation")]
     if val_named:
@@ -287,15 +308,17 @@ def train_ensemble(
     members, reports = [], {}
     for k, name in enumerate(ens_cfg.members):
         seed_everything(cfg.seed + k)
-        w = weights_for(name, cfg.weights)
+        w = Weights("none") if fine_tune else weights_for(name, cfg.weights)
         member = build_member(name, len(ens_cfg.classes), w, ens_cfg.dropout, ens_cfg.output_stride)
-        reports[f"{k}-{name}"] = train_member(
-            member, train_ds, val_ds, cfg, w.source != "none", calib_set
-        )
+        if fine_tune:
+            member.load_state_dict(init.members[k].state_dict())
+        pretrained = fine_tune or w.source != "none"
+        reports[f"{k}-{name}"] = train_member(member, train_ds, val_ds, cfg, pretrained, calib_set)
         members.append(member)
     ensemble = Ensemble(members, ens_cfg)
     measured = calibrate(ensemble, val_ds, calib, cfg)
     metrics = {
+        "fine_tuned": fine_tune,
         "train_images": len(train_s),
         "val_images": len(held),
         **measured,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import subprocess
 import sys
 
 from wsl_models.cli import add_commands
@@ -31,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--timeout", type=int, default=int(os.environ.get("TIMEOUT", "120")))
     s.set_defaults(func=cmd_serve)
     w = sub.add_parser("worker", help="run the training queue (started by serve)")
+    w.add_argument("--parent", type=int, default=None, help="exit when this process is gone")
     w.set_defaults(func=cmd_worker)
     return parser
 
@@ -39,35 +39,40 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from backend.jobs import TrainingQueue
     from backend.settings import Settings
 
+    if args.parent:
+        _exit_with_parent(args.parent)
     TrainingQueue(Settings.from_env()).run_consumer()
     return 0
 
 
+def _exit_with_parent(parent: int) -> None:
+    """If gunicorn's master dies (even by SIGKILL), the training worker must not linger."""
+    import threading
+    import time
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1)
+        os._exit(0)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
-    """gunicorn (each worker builds the app and loads the model once) plus the training worker."""
+    """Become gunicorn: each worker builds the app and loads the model once; the master starts
+    and stops the training worker (backend/gunicorn_conf.py)."""
     argv = [
-        sys.executable,
-        "-m",
-        "gunicorn",
-        "--bind",
-        f"{args.host}:{args.port}",
-        "--workers",
-        str(args.workers),
-        "--threads",
-        str(args.threads),
-        "--timeout",
-        str(args.timeout),
-        "--access-logfile",
-        "-",
+        sys.executable, "-m", "gunicorn",
+        "--config", "python:backend.gunicorn_conf",
+        "--bind", f"{args.host}:{args.port}",
+        "--workers", str(args.workers),
+        "--threads", str(args.threads),
+        "--timeout", str(args.timeout),
+        "--access-logfile", "-",
         "backend.app:create_app()",
-    ]
-    # The training consumer runs beside gunicorn, in its own process, one job at a time.
-    worker = subprocess.Popen([sys.executable, "-m", "backend.cli", "worker"])
-    try:
-        return subprocess.call(argv)
-    finally:
-        worker.terminate()
-        worker.wait(timeout=30)
+    ]  # fmt: skip
+    os.execv(sys.executable, argv)
+    return 0  # not reached
 
 
 def main(argv: list[str] | None = None) -> int:

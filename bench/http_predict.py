@@ -58,15 +58,34 @@ def rss_mb(pid: int) -> float:
     return float("nan")
 
 
-def children(pid: int) -> list[int]:
-    out = []
+def process_rss(root: int) -> dict[str, float]:
+    """RSS (MB) of every process under ``root``, named by role: gunicorn workers, trainer."""
+    parent = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            fields = stat.read_text().split()
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            parent[int(stat.parent.name)] = int(fields[1])
+        except (OSError, IndexError, ValueError):
+            continue
+    tree, frontier = [], [root]
+    while frontier:
+        frontier = [p for p, pp in parent.items() if pp in frontier]
+        tree += frontier
+    out = {}
+    for pid in tree:
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
         except OSError:
             continue
-        if int(fields[3]) == pid:
-            out.append(int(fields[0]))
+        if "worker" in cmd and "backend.cli" in cmd:
+            role = "training worker"
+        elif "gunicorn" in cmd and parent.get(parent.get(pid, 0), 0) == root:
+            role = f"gunicorn worker {pid}"
+        elif "gunicorn" in cmd:
+            role = "gunicorn master"
+        else:
+            continue
+        out[role] = round(rss_mb(pid))
     return out
 
 
@@ -138,7 +157,7 @@ def main() -> None:
                 "p50_ms": 1000 * percentile(lat, 50),
                 "p99_ms": 1000 * percentile(lat, 99),
                 "requests_per_s": len(lat) / wall,
-                "worker_rss_mb": [round(rss_mb(c)) for c in children(proc.pid)],
+                "rss_mb": process_rss(proc.pid),
             }
             print(json.dumps(row), flush=True)
             rows.append(row)

@@ -260,3 +260,22 @@ def test_corrupt_new_version_keeps_the_old_one_serving(model_dir, tmp_path):
     health = client.get("/health").get_json()
     assert health["model_version"] == old
     assert "corrupt" in health["load_error"]
+
+
+def test_a_failed_job_is_visible_and_the_current_version_keeps_serving(model_dir, tmp_path):
+    import shutil
+
+    from backend.jobs import TrainingQueue
+
+    root = tmp_path / "m"
+    shutil.copytree(model_dir, root)
+    settings = Settings(model_dir=str(root))  # no LABEL_STUDIO_URL: the job cannot pull tasks
+    queue = TrainingQueue(settings, immediate=True)
+    app = create_app(settings, queue=queue)
+    client = app.test_client()
+    before = client.get("/health").get_json()["model_version"]
+    queue.enqueue({"id": 5})  # runs now (immediate mode); huey logs the TrainingError
+    health = client.get("/health").get_json()
+    assert health["jobs"]["5"]["state"] == "failed"
+    assert "LABEL_STUDIO_URL" in health["jobs"]["5"]["error"]
+    assert health["model_version"] == before and health["trained"]

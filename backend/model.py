@@ -136,39 +136,28 @@ class CamLabelModel:
         confidence = float(out.confidence[j])
         mapping = parse_label_map(self.settings.label_map)
         regions: list[dict] = []
-        if schema.choices_name:
-            choice = schema.label_for(label, schema.choices, mapping)
-            if choice is not None:
-                regions.append(
-                    {
-                        "id": uuid.uuid4().hex[:10],
-                        "from_name": schema.choices_name,
-                        "to_name": schema.image_name,
-                        "type": "choices",
-                        "value": {"choices": [choice]},
-                        "score": confidence,
-                    }
-                )
-        if schema.brush_name and masks.mask is not None and masks.mask.any():
-            brush = schema.label_for(label, schema.brush_labels, mapping)
-            if brush is not None:
-                regions.append(
-                    {
-                        "id": uuid.uuid4().hex[:10],
-                        "from_name": schema.brush_name,
-                        "to_name": schema.image_name,
-                        "type": "brushlabels",
-                        "original_width": width,
-                        "original_height": height,
-                        "image_rotation": 0,
-                        "value": {
-                            "format": "rle",
-                            "rle": mask_to_rle(masks.mask),
-                            "brushlabels": [brush],
-                        },
-                        "score": confidence,
-                    }
-                )
+
+        def region(from_name: str, kind: str, value: dict, **extra: Any) -> dict:
+            return {
+                "id": uuid.uuid4().hex[:10],
+                "from_name": from_name,
+                "to_name": schema.image_name,
+                "type": kind,
+                **extra,
+                "value": value,
+                "score": confidence,
+            }
+
+        choice = schema.label_for(label, schema.choices, mapping) if schema.choices_name else None
+        if choice is not None:
+            regions.append(region(schema.choices_name, "choices", {"choices": [choice]}))
+        has_mask = masks.mask is not None and masks.mask.any()
+        brush = schema.label_for(label, schema.brush_labels, mapping) if has_mask else None
+        if brush is not None:
+            rle = mask_to_rle(masks.mask)
+            value = {"format": "rle", "rle": rle, "brushlabels": [brush]}
+            size_fields = {"original_width": width, "original_height": height, "image_rotation": 0}
+            regions.append(region(schema.brush_name, "brushlabels", value, **size_fields))
         if bool(out.flagged[j]) and regions:
             unc = out.uncertainty
             note = (

@@ -86,9 +86,9 @@ def process_rss(master: int) -> dict[str, float]:
     return out
 
 
-def serve(model_dir: str, port: int, workers: int) -> subprocess.Popen:
+def serve(model_dir: str, port: int, workers: int, threads: int = 4) -> subprocess.Popen:
     env = {**os.environ, "MODEL_DIR": model_dir, "PORT": str(port), "HOST": "127.0.0.1",
-           "WORKERS": str(workers), "THREADS": "4"}  # fmt: skip
+           "WORKERS": str(workers), "THREADS": str(threads)}  # fmt: skip
     proc = subprocess.Popen(
         [sys.executable, "-m", "backend.cli", "serve"],
         env=env,
@@ -114,6 +114,7 @@ def main() -> None:
     p.add_argument("--out", default="bench/results/http_predict.json")
     p.add_argument("--requests", type=int, default=24, help="requests per client")
     p.add_argument("--port", type=int, default=9311)
+    p.add_argument("--threads", type=int, default=4, help="gunicorn threads per worker")
     args = p.parse_args()
     model_dir = tempfile.mkdtemp()
     ens = make_ensemble(list(PAPER_TRIO), (224, 224), 30)
@@ -129,7 +130,7 @@ def main() -> None:
     rows = []
     inproc, http_single = [], []
     for workers in (1, 2):
-        proc = serve(model_dir, args.port, workers)
+        proc = serve(model_dir, args.port, workers, args.threads)
         url = f"http://127.0.0.1:{args.port}/predict"
         for _ in range(2):  # warm every worker
             requests.post(url, json=payload, timeout=100)
@@ -186,6 +187,7 @@ def main() -> None:
         rle_s.append(time.perf_counter() - t0)
     result = {
         "machine": {"cpu_threads": os.cpu_count(), "python": platform.python_version()},
+        "gunicorn_threads": args.threads,
         "in_process_ms": 1000 * statistics.median(inproc),
         "http_interleaved_ms": 1000 * statistics.median(http_single),
         "http_overhead_pct": 100 * (statistics.median(http_single) / statistics.median(inproc) - 1),

@@ -32,7 +32,7 @@ run: setup
 	@if [ ! -f "$(DATA)/labels.csv" ]; then \
 	  echo "no dataset at $(DATA): generating a synthetic one in runs/synthetic"; \
 	  $(VENV)/bin/camlabel synth --out runs/synthetic; \
-	  $(MAKE) --no-print-directory _run DATA=runs/synthetic ARGS="--members tiny,tiny --image-size 96 $(ARGS)"; \
+	  $(MAKE) --no-print-directory _run DATA=runs/synthetic ARGS="--members tiny,tiny --image-size 96 --mask-classes lesion --lr 3e-3 --epochs 25 $(ARGS)"; \
 	else $(MAKE) --no-print-directory _run; fi
 
 _run:

@@ -249,10 +249,6 @@ class JobLog:
         os.replace(tmp, self.path)
 
 
-def make_queue(settings: Settings, immediate: bool = False) -> TrainingQueue:
-    return TrainingQueue(settings, immediate=immediate)
-
-
 class TrainingQueue:
     def __init__(self, settings: Settings, immediate: bool = False) -> None:
         Path(settings.model_dir).mkdir(parents=True, exist_ok=True)

@@ -9,7 +9,6 @@ on other heads, Score-CAM, EigenCAM, LayerCAM) run through pytorch-grad-cam by n
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from .members import Member
@@ -147,7 +146,3 @@ def resize_maps(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     flat = maps.reshape(-1, 1, *maps.shape[-2:]).float()
     out = torch.nn.functional.interpolate(flat, size=size, mode="bilinear", align_corners=False)
     return out.reshape(*lead, *size)
-
-
-def to_numpy(maps: torch.Tensor) -> np.ndarray:
-    return maps.detach().cpu().numpy().astype(np.float32)

@@ -70,9 +70,11 @@ class CamLabelModel:
         self.label_config = label_config
         self.project_id = project_id
         self.schema: ProjectSchema | None = None
+        self.label_map: dict[str, str] = {}
 
     def setup(self) -> None:
         self.schema = parse_label_config(self.label_config)
+        self.label_map = parse_label_map(self.settings.label_map)
 
     @property
     def model_version(self) -> str:
@@ -134,7 +136,7 @@ class CamLabelModel:
         masks = ensemble.masks(out, j, (height, width))
         label = cfg.classes[masks.label]
         confidence = float(out.confidence[j])
-        mapping = parse_label_map(self.settings.label_map)
+        mapping = self.label_map
         regions: list[dict] = []
 
         def region(from_name: str, kind: str, value: dict, **extra: Any) -> dict:

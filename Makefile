@@ -54,6 +54,8 @@ test: setup labelstudio lint
 bench: setup
 	$(PY) bench/localization.py --data $(DATA) --out bench/results/localization
 	$(PY) bench/speed.py --out bench/results/speed.json
+	$(PY) bench/learning_curve.py --data $(DATA) \
+		--settings random,entropy,random+pseudo,bald,full,random+pseudo+minmax --rounds 4 --k 8
 
 clean:
 	rm -rf $(VENV) $(LSVENV) runs .pytest_cache .ruff_cache

@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 
+from backend.ls_api import TrainingError
 from wsl_models.cli import add_commands
 from wsl_models.data import DatasetError
 from wsl_models.images import ImageError
@@ -14,7 +15,15 @@ from wsl_models.members import UnknownMemberError, WeightsError
 from wsl_models.versions import VersionError
 
 # Errors a user can fix: one clear line, exit status 2, no traceback.
-USER_ERRORS = (DatasetError, ImageError, UnknownMemberError, WeightsError, VersionError, ValueError)
+USER_ERRORS = (
+    DatasetError,
+    ImageError,
+    UnknownMemberError,
+    WeightsError,
+    VersionError,
+    ValueError,
+    TrainingError,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,10 +38,49 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--threads", type=int, default=int(os.environ.get("THREADS", "4")))
     s.add_argument("--timeout", type=int, default=int(os.environ.get("TIMEOUT", "120")))
     s.set_defaults(func=cmd_serve)
+    r = sub.add_parser(
+        "rank",
+        help="score every task of a Label Studio project and serve the most uncertain first",
+        description="Uses LABEL_STUDIO_URL, LABEL_STUDIO_API_KEY and MODEL_DIR from the "
+        "environment: predicts every task with the current version, stores the predictions in "
+        "bulk (score = 1 - acquisition value), sets the project's model_version and "
+        "'Uncertainty sampling', and saves a Data Manager tab sorted most uncertain first.",
+    )
+    r.add_argument("--project", type=int, required=True, help="Label Studio project id")
+    r.add_argument(
+        "--acquisition",
+        default=os.environ.get("ACQUISITION", "entropy"),
+        help="entropy | bald | margin | random (default: ACQUISITION or entropy)",
+    )
+    r.add_argument(
+        "--diversity",
+        type=int,
+        default=None,
+        metavar="K",
+        help="make the first K tasks a diverse batch (default: RANK_DIVERSITY or 0 = off)",
+    )
+    r.add_argument("--page-size", type=int, default=100, help="tasks per API page and batch")
+    r.set_defaults(func=cmd_rank)
     w = sub.add_parser("worker", help="run the training queue (started by serve)")
     w.add_argument("--parent", type=int, default=None, help="exit when this process is gone")
     w.set_defaults(func=cmd_worker)
     return parser
+
+
+def cmd_rank(args: argparse.Namespace) -> int:
+    from backend.ranking import rank_project
+    from backend.settings import Settings
+
+    report = rank_project(
+        Settings.from_env(), args.project, args.acquisition, args.diversity, args.page_size
+    )
+    print(
+        f"project {report.project}: {report.ranked} of {report.tasks} tasks ranked by "
+        f"{report.acquisition} with version {report.model_version} ({report.failed} failed) in "
+        f"{report.seconds:.1f} s, {report.images_per_second:.1f} images/s; "
+        f"Data Manager tab {report.view_id}"
+    )
+    return 0 if report.failed == 0 else 1
 
 
 def cmd_worker(args: argparse.Namespace) -> int:

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import requests
 from huey import SqliteHuey
 from PIL import Image
 
@@ -27,20 +26,18 @@ from wsl_models.data import load_dataset
 from wsl_models.ensemble import EnsembleConfig
 from wsl_models.images import parse_size
 from wsl_models.members import LITE_TRIO
+from wsl_models.promotion import Tolerance, holdout_scores, promote
 from wsl_models.training import TrainConfig, train_ensemble
 from wsl_models.versions import ModelStore
 
-from .fetch import FetchError, ImageFetcher, LabelStudioAuth
+from .fetch import FetchError, ImageFetcher
 from .label_config import parse_label_config
-from .model import CamLabelModel, ModelHolder
+from .ls_api import LabelStudioAPI, TrainingError
+from .ranking import rank_project
 from .rle import rle_to_mask
 from .settings import Settings
 
 log = logging.getLogger(__name__)
-
-
-class TrainingError(RuntimeError):
-    pass
 
 
 @dataclass(frozen=True)
@@ -52,6 +49,13 @@ class TrainingSettings:
     epochs: int = 20  # TRAIN_EPOCHS
     weights: str = "imagenet"  # TRAIN_WEIGHTS
     lr: float = 1e-3  # TRAIN_LR
+    mask_weight: float = 1.0  # TRAIN_MASK_WEIGHT: pixel loss on the annotators' masks
+    pseudo_weight: float = 0.1  # TRAIN_PSEUDO_WEIGHT: pixel loss on pseudo-masks (0: off)
+    pseudo_fg: float = 0.7  # TRAIN_PSEUDO_FG / TRAIN_PSEUDO_BG: consensus-map thresholds
+    pseudo_bg: float = 0.3
+    minmax: bool = False  # TRAIN_MINMAX=1: train the min-max entropy localizer as mask head
+    unlabelled: int = 50  # TRAIN_UNLABELLED: unannotated tasks used through pseudo-masks
+    tolerance: float = 2.0  # PROMOTE_TOLERANCE: points a new version may lose and still win
 
     @classmethod
     def from_env(cls) -> TrainingSettings:
@@ -62,78 +66,14 @@ class TrainingSettings:
             epochs=int(e("TRAIN_EPOCHS", str(cls.epochs))),
             weights=e("TRAIN_WEIGHTS", cls.weights),
             lr=float(e("TRAIN_LR", str(cls.lr))),
+            mask_weight=float(e("TRAIN_MASK_WEIGHT", str(cls.mask_weight))),
+            pseudo_weight=float(e("TRAIN_PSEUDO_WEIGHT", str(cls.pseudo_weight))),
+            pseudo_fg=float(e("TRAIN_PSEUDO_FG", str(cls.pseudo_fg))),
+            pseudo_bg=float(e("TRAIN_PSEUDO_BG", str(cls.pseudo_bg))),
+            minmax=e("TRAIN_MINMAX", "0").strip().lower() in ("1", "true", "yes", "on"),
+            unlabelled=int(e("TRAIN_UNLABELLED", str(cls.unlabelled))),
+            tolerance=float(e("PROMOTE_TOLERANCE", str(cls.tolerance))),
         )
-
-
-class LabelStudioAPI:
-    """The few Label Studio endpoints the trainer needs (verified against 1.23.2)."""
-
-    def __init__(self, settings: Settings) -> None:
-        if not settings.label_studio_url or not settings.label_studio_api_key:
-            raise TrainingError("training needs LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY")
-        self.url = settings.label_studio_url
-        self.auth = LabelStudioAuth(settings.label_studio_url, settings.label_studio_api_key)
-
-    def _call(self, method: str, path: str, **kw: Any) -> Any:
-        r = requests.request(method, self.url + path, headers=self.auth.header(), timeout=60, **kw)
-        if r.status_code == 401:
-            r = requests.request(
-                method, self.url + path, headers=self.auth.header(refresh=True), timeout=60, **kw
-            )
-        if r.status_code >= 400:
-            raise TrainingError(
-                f"Label Studio {method} {path}: HTTP {r.status_code} {r.text[:200]}"
-            )
-        return r.json()
-
-    def project(self, project_id: int) -> dict:
-        return self._call("GET", f"/api/projects/{project_id}")
-
-    def annotated_tasks(self, project_id: int) -> list[dict]:
-        return self._call(
-            "GET", f"/api/projects/{project_id}/export", params={"exportType": "JSON"}
-        )
-
-    def task_pages(self, project_id: int, page_size: int = 100):
-        page = 1
-        while True:
-            params = {"project": project_id, "page": page, "page_size": page_size}
-            tasks = self._call("GET", "/api/tasks", params=params).get("tasks", [])
-            if tasks:
-                yield tasks
-            if len(tasks) < page_size:
-                return
-            page += 1
-
-    def import_predictions(self, project_id: int, predictions: list[dict]) -> None:
-        self._call("POST", f"/api/projects/{project_id}/import/predictions", json=predictions)
-
-    def set_model_version(self, project_id: int, version: str) -> None:
-        """Label Studio accepts only a version that a prediction (or a backend title) has."""
-        self._call("PATCH", f"/api/projects/{project_id}", json={"model_version": version})
-
-
-def predict_project(settings: Settings, api: LabelStudioAPI, project_id: int, config: str) -> int:
-    """Predict every task with the current version and store the predictions in bulk.
-
-    Label Studio's score column and uncertainty sampling count only predictions of the
-    project's model_version, so a new version is useful only once its predictions exist.
-    """
-    model = CamLabelModel(ModelHolder(settings), ImageFetcher(settings), settings, config)
-    model.setup()
-    created = 0
-    for tasks in api.task_pages(project_id):
-        results = model.predict(tasks)
-        batch = [
-            {"task": t["id"], "result": r["result"], "score": r.get("score"),
-             "model_version": r["model_version"]}
-            for t, r in zip(tasks, results, strict=True)
-            if "result" in r
-        ]  # fmt: skip
-        if batch:
-            api.import_predictions(project_id, batch)
-            created += len(batch)
-    return created
 
 
 def _latest_annotation(task: dict) -> dict | None:
@@ -141,30 +81,45 @@ def _latest_annotation(task: dict) -> dict | None:
     return max(live, key=lambda a: a.get("updated_at") or a.get("created_at") or "", default=None)
 
 
-def collect_dataset(
-    tasks: list[dict], label_config: str, fetcher: ImageFetcher, out: Path
-) -> dict[str, int]:
-    """Write annotated tasks as a dataset (images/, masks/, labels.csv) under ``out``.
+def _image_label(results: list[dict], schema: Any) -> str:
+    """The Choices answer; else the one brush label used; else "" (unlabelled)."""
+    for r in results:
+        if r.get("from_name") == schema.choices_name and r.get("value", {}).get("choices"):
+            return r["value"]["choices"][0]
+    brushes = {b for r in results if r.get("type") == "brushlabels"
+               for b in r.get("value", {}).get("brushlabels", [])}  # fmt: skip
+    return brushes.pop() if len(brushes) == 1 else ""
 
-    Image label from the Choices result; a human mask from the BrushLabels results (union of
-    the regions). Tasks without a Choices answer or whose image fails are skipped and counted.
+
+def collect_dataset(
+    tasks: list[dict],
+    label_config: str,
+    fetcher: ImageFetcher,
+    out: Path,
+    unlabelled: list[dict] | None = None,
+) -> dict[str, int]:
+    """Write tasks as a dataset (images/, masks/, labels.csv) under ``out``.
+
+    Per task whatever exists: the image label (Choices, or the single brush label used), a
+    human mask (union of the BrushLabels regions), or neither for ``unlabelled`` tasks (they
+    teach through pseudo-masks). Annotated tasks with neither, and tasks whose image fails,
+    are skipped and counted.
     """
     schema = parse_label_config(label_config)
     (out / "images").mkdir(parents=True, exist_ok=True)
     (out / "masks").mkdir(parents=True, exist_ok=True)
-    rows, counts = [], {"tasks": len(tasks), "used": 0, "masks": 0, "skipped": 0}
-    for task in tasks:
-        annotation = _latest_annotation(task)
+    rows = []
+    counts = {"tasks": len(tasks), "used": 0, "labelled": 0, "masks": 0, "unlabelled": 0,
+              "skipped": 0}  # fmt: skip
+    work = [(t, True) for t in tasks] + [(t, False) for t in unlabelled or []]
+    for task, annotated in work:
+        annotation = _latest_annotation(task) if annotated else None
         results = annotation.get("result", []) if annotation else []
-        label = next(
-            (
-                r["value"]["choices"][0]
-                for r in results
-                if r.get("from_name") == schema.choices_name and r.get("value", {}).get("choices")
-            ),
-            None,
-        )
-        if label is None:
+        label = _image_label(results, schema)
+        brush = [
+            r for r in results if r.get("type") == "brushlabels" and r.get("value", {}).get("rle")
+        ]
+        if annotated and not label and not brush:
             counts["skipped"] += 1
             continue
         try:
@@ -176,14 +131,14 @@ def collect_dataset(
         name = f"task_{task['id']}.png"
         image.save(out / "images" / name)
         mask = np.zeros((image.height, image.width), bool)
-        for r in results:
-            if r.get("type") == "brushlabels" and r.get("value", {}).get("rle"):
-                mask |= rle_to_mask(r["value"]["rle"], image.height, image.width)
+        for r in brush:
+            mask |= rle_to_mask(r["value"]["rle"], image.height, image.width)
         if mask.any():
             Image.fromarray(mask.astype(np.uint8) * 255).save(out / "masks" / name)
             counts["masks"] += 1
         rows.append({"image": name, "label": label, "split": "train"})
         counts["used"] += 1
+        counts["labelled" if label else "unlabelled"] += 1
     with (out / "labels.csv").open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=["image", "label", "split"])
         writer.writeheader()
@@ -191,18 +146,45 @@ def collect_dataset(
     return counts
 
 
-def train_from_project(settings: Settings, project_id: int, train: TrainingSettings) -> str:
-    """Pull every annotated task, train, write a new version atomically, point the project at it."""
+def _unannotated(api: LabelStudioAPI, project_id: int, limit: int) -> list[dict]:
+    """Up to ``limit`` tasks nobody has annotated yet (the first pages)."""
+    found: list[dict] = []
+    for tasks in api.task_pages(project_id):
+        found += [t for t in tasks if not t.get("total_annotations") and not t.get("annotations")]
+        if len(found) >= limit:
+            break
+    return found[:limit]
+
+
+def train_from_project(
+    settings: Settings, project_id: int, train: TrainingSettings
+) -> tuple[str, bool]:
+    """Pull the project's tasks, train, save a new version; make it current and re-rank the
+    project only if it is not worse than the current version on the same hold-out.
+
+    Returns (version, promoted). A refused version is kept, with its metrics and the reason.
+    """
     api = LabelStudioAPI(settings)
     project = api.project(project_id)
     store = ModelStore(settings.model_dir)
     work = Path(settings.model_dir) / "jobs" / f"project-{project_id}-{int(time.time())}"
+    current = store.current_id()
+    previous = store.load(current) if current else None
     try:
+        extra = (
+            _unannotated(api, project_id, train.unlabelled)
+            if previous and train.unlabelled > 0
+            else []
+        )
         counts = collect_dataset(
-            api.annotated_tasks(project_id), project["label_config"], ImageFetcher(settings), work
+            api.annotated_tasks(project_id),
+            project["label_config"],
+            ImageFetcher(settings),
+            work,
+            extra,
         )
         log.info("training project %s on %s", project_id, counts)
-        if counts["used"] < 4:
+        if counts["labelled"] < 4:
             raise TrainingError(f"too few labelled images to train: {counts}")
         dataset = load_dataset(work)
         schema = parse_label_config(project["label_config"])
@@ -212,18 +194,43 @@ def train_from_project(settings: Settings, project_id: int, train: TrainingSetti
             members=[m for m in train.members.split(",") if m],
             image_size=parse_size(train.image_size),
             mask_classes=masked,
+            localizer=train.minmax,
         )
-        cfg = TrainConfig(epochs=train.epochs, lr=train.lr, weights=train.weights, progress=False)
-        current = store.current_id()
-        previous = store.load(current) if current else None
+        cfg = TrainConfig(
+            epochs=train.epochs,
+            lr=train.lr,
+            weights=train.weights,
+            progress=False,
+            train_masks=True,
+            mask_weight=train.mask_weight,
+            pseudo_weight=train.pseudo_weight,
+            pseudo_fg=train.pseudo_fg,
+            pseudo_bg=train.pseudo_bg,
+            minmax=train.minmax,
+        )
         ensemble, metrics = train_ensemble(dataset, ens_cfg, cfg, init=previous)
         metrics["fine_tuned_from"] = current if metrics["fine_tuned"] else None
         metrics["source"] = {"project": project_id, **counts}
-        version = store.save(ensemble, metrics)
-        predicted = predict_project(settings, api, project_id, project["label_config"])
-        log.info("project %s: version %s, %d predictions stored", project_id, version, predicted)
-        api.set_model_version(project_id, version)
-        return version
+        held = [s for s in dataset.samples if s.name in set(metrics["held_out"])]
+        new_scores = holdout_scores(ensemble, held)
+        comparable = previous is not None and previous.config.classes == ens_cfg.classes
+        old_scores = holdout_scores(previous, held) if comparable else {}
+        accepted, reason = promote(new_scores, old_scores, Tolerance(*[train.tolerance] * 3))
+        metrics["promotion"] = {
+            "accepted": accepted,
+            "reason": reason,
+            "compared_with": current if comparable else None,
+            "new": new_scores,
+            "current": old_scores,
+        }
+        version = store.save(ensemble, metrics, make_current=accepted)
+        if not accepted:
+            log.warning("project %s: version %s kept but not made current: %s",
+                        project_id, version, reason)  # fmt: skip
+            return version, False
+        report = rank_project(settings, project_id, progress=False, api=api)
+        log.info("project %s: version %s, %d tasks ranked", project_id, version, report.ranked)
+        return version, True
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -271,12 +278,14 @@ class TrainingQueue:
         self.huey.get(f"pending-{project_id}")  # from now on, new events queue a new job
         self.log.write(project_id, state="running", error=None)
         try:
-            version = train_from_project(self.settings, project_id, TrainingSettings.from_env())
+            version, promoted = train_from_project(
+                self.settings, project_id, TrainingSettings.from_env()
+            )
         except Exception as exc:
             log.exception("training project %s failed", project_id)
             self.log.write(project_id, state="failed", error=f"{type(exc).__name__}: {exc}")
             raise
-        self.log.write(project_id, state="done", version=version)
+        self.log.write(project_id, state="done", version=version, promoted=promoted)
         return version
 
     def run_consumer(self) -> None:

@@ -5,10 +5,12 @@ from __future__ import annotations
 import logging
 import threading
 import uuid
+import zlib
 from typing import Any
 
 import torch
 
+from wsl_models.acquisition import acquisition, score_from_value
 from wsl_models.ensemble import Ensemble, EnsembleOutput
 from wsl_models.images import to_tensor
 from wsl_models.training import resolve_device
@@ -71,10 +73,12 @@ class CamLabelModel:
         self.project_id = project_id
         self.schema: ProjectSchema | None = None
         self.label_map: dict[str, str] = {}
+        self.acquisition = settings.acquisition
 
     def setup(self) -> None:
         self.schema = parse_label_config(self.label_config)
         self.label_map = parse_label_map(self.settings.label_map)
+        acquisition(self.acquisition)  # an unknown name fails here, once, with the known ones
 
     @property
     def model_version(self) -> str:
@@ -84,8 +88,16 @@ class CamLabelModel:
         """Training runs in the background: queue a job for the event's project."""
         return queue.enqueue(data["project"])
 
-    def predict(self, tasks: list[dict[str, Any]], context: dict | None = None) -> list[dict]:
-        """One prediction per task, in order. A task that fails gets {"error": ...} only."""
+    def predict(
+        self,
+        tasks: list[dict[str, Any]],
+        context: dict | None = None,
+        embeddings: bool = False,
+    ) -> list[dict]:
+        """One prediction per task, in order. A task that fails gets {"error": ...} only.
+
+        ``embeddings``: add each image's "embedding" (for batch diversity; not sent to LS).
+        """
         if self.schema is None:
             self.setup()
         ensemble, version = self.holder.get()
@@ -94,10 +106,19 @@ class CamLabelModel:
         out: list[dict] = []
         batch = max(1, self.settings.predict_batch)
         for start in range(0, len(tasks), batch):
-            out += self._predict_batch(ensemble, version, tasks[start : start + batch])
+            out += self._predict_batch(ensemble, version, tasks[start : start + batch], embeddings)
         return out
 
-    def _predict_batch(self, ensemble: Ensemble, version: str, tasks: list[dict]) -> list[dict]:
+    def _acquisition_values(self, out: EnsembleOutput, tasks: list[dict]) -> torch.Tensor:
+        """Per image; ``random`` is seeded by the task ids, so a task keeps its draw."""
+        ids = [t.get("id") for t in tasks if isinstance(t, dict)]
+        seed = zlib.crc32(repr(ids).encode())
+        gen = torch.Generator().manual_seed(seed)
+        return acquisition(self.acquisition)(out.mc_probs.flatten(0, 1), generator=gen)
+
+    def _predict_batch(
+        self, ensemble: Ensemble, version: str, tasks: list[dict], embeddings: bool = False
+    ) -> list[dict]:
         results: list[dict | None] = [None] * len(tasks)
         images = []
         for i, task in enumerate(tasks):
@@ -111,8 +132,13 @@ class CamLabelModel:
             size = ensemble.config.image_size
             x = torch.stack([to_tensor(img, size) for _, img in images])
             output = ensemble.predict(x, seed=0)
+            values = self._acquisition_values(output, [tasks[i] for i, _ in images])
             for j, (i, img) in enumerate(images):
-                results[i] = self._task_result(ensemble, output, j, img.size, version)
+                results[i] = self._task_result(
+                    ensemble, output, j, img.size, version, float(values[j])
+                )
+                if embeddings and output.embeddings is not None:
+                    results[i]["embedding"] = output.embeddings[j].numpy()
         return [r for r in results if r is not None]
 
     def _image_url(self, task: Any) -> str:
@@ -130,6 +156,7 @@ class CamLabelModel:
         j: int,
         size: tuple[int, int],
         version: str,
+        acq_value: float,
     ) -> dict:
         schema, cfg = self.schema, ensemble.config
         width, height = size
@@ -160,18 +187,23 @@ class CamLabelModel:
             value = {"format": "rle", "rle": rle, "brushlabels": [brush]}
             size_fields = {"original_width": width, "original_height": height, "image_rotation": 0}
             regions.append(region(schema.brush_name, "brushlabels", value, **size_fields))
-        if bool(out.flagged[j]) and regions:
-            unc = out.uncertainty
-            note = (
-                f"camlabel: please review: entropy {float(unc['entropy'][j]):.2f}, "
-                f"{len(masks.agreeing)}/{len(cfg.members)} models agree"
-            )
-            for region in regions:
-                region["meta"] = {"text": [note]}
+        unc = {k: float(v[j]) for k, v in out.uncertainty.items()}
+        flagged = bool(out.flagged[j])
+        # Visible in the region panel: why this task was ranked where it is.
+        note = (
+            f"camlabel: {'please review: ' if flagged else ''}confidence {confidence:.2f}, "
+            f"{self.acquisition} {acq_value:.2f}, entropy {unc['entropy']:.2f}, "
+            f"BALD {unc['bald']:.3f}, {len(masks.agreeing)}/{len(cfg.members)} models agree"
+        )
+        for r in regions:
+            r["meta"] = {"text": [note]}
         return {
             "result": regions,
-            "score": confidence,
+            # Label Studio serves the lowest score first: score = 1 - acquisition value.
+            "score": score_from_value(acq_value),
             "model_version": version,
-            "flagged": bool(out.flagged[j]),
-            "uncertainty": {k: float(v[j]) for k, v in out.uncertainty.items()},
+            "flagged": flagged,
+            "confidence": confidence,
+            "acquisition": {"function": self.acquisition, "value": acq_value},
+            "uncertainty": unc,
         }

@@ -23,6 +23,11 @@ class Settings:
     max_download_mb: int = 64  # MAX_DOWNLOAD_MB: larger responses are refused
     max_image_pixels: int = 100_000_000  # MAX_IMAGE_PIXELS: larger images are refused
     label_map: str = ""  # LABEL_MAP: "model_class=Label,..." when names differ
+    # ACQUISITION: entropy | bald | margin | random. Each prediction's score is
+    # 1 - acquisition value, so Label Studio's lowest-score-first order is this order.
+    acquisition: str = "entropy"
+    # RANK_DIVERSITY: size of the first query batch made diverse after each ranking (0: off).
+    rank_diversity: int = 0
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -38,4 +43,6 @@ class Settings:
             max_download_mb=int(_env("MAX_DOWNLOAD_MB", str(cls.max_download_mb))),
             max_image_pixels=int(_env("MAX_IMAGE_PIXELS", str(cls.max_image_pixels))),
             label_map=_env("LABEL_MAP"),
+            acquisition=_env("ACQUISITION", cls.acquisition),
+            rank_diversity=int(_env("RANK_DIVERSITY", str(cls.rank_diversity))),
         )

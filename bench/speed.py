@@ -112,7 +112,12 @@ def worker(args: argparse.Namespace) -> dict:
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
     if args.pipeline == "ours" and args.compare:
-        cams_a, probs_a = straightforward(ens, x, args.samples, 7)
+        cams_a, _ = straightforward(ens, x, args.samples, 7)
+        # Our MC samples share one dropout mask per sample across the batch (an image's samples
+        # do not depend on its batch), so the reference draws are made one image at a time.
+        probs_a = torch.cat(
+            [straightforward(ens, x[i : i + 1], args.samples, 7)[1] for i in range(len(x))], dim=2
+        )
         with torch.no_grad():  # the classes the library explained: deterministic argmax
             classes = torch.stack([m(x).argmax(1) for m in ens.members])
         cams_b, probs_b = ours(ens, x, 7, classes)

@@ -6,6 +6,7 @@ Images come from data: URIs and from a real HTTP server on loopback (our own tes
 import base64
 import http.server
 import io
+import math
 import threading
 import time
 from pathlib import Path
@@ -101,7 +102,13 @@ def test_predict_returns_class_score_and_an_rle_mask_at_the_image_size(client, s
     r = _predict(client, [{"id": 7, "data": {"image": _data_uri(image)}}])
     assert r.status_code == 200
     (pred,) = r.get_json()["results"]
-    assert 0.5 <= pred["score"] <= 1.0
+    # score = 1 - normalised acquisition value (entropy by default): Label Studio serves the
+    # lowest score first, i.e. the most uncertain image; confidence goes beside it.
+    assert 0.5 <= pred["confidence"] <= 1.0
+    assert pred["acquisition"]["function"] == "entropy"
+    entropy = pred["uncertainty"]["entropy"]
+    assert pred["score"] == pytest.approx(1 - entropy / math.log(2), abs=1e-6)
+    assert all(region["score"] == pred["confidence"] for region in pred["result"])
     by_type = {region["type"]: region for region in pred["result"]}
     assert by_type["choices"]["value"]["choices"] == ["lesion"]
     brush = by_type["brushlabels"]

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -57,6 +58,8 @@ def backend(label_studio, tmp_path_factory):
         "TRAIN_EPOCHS": "30",
         "TRAIN_LR": "0.003",
         "TRAIN_WEIGHTS": "none",
+        # Every new version wins here; refusing a worse one is tested in-process below.
+        "PROMOTE_TOLERANCE": "100",
     }
     log = (Path(env["MODEL_DIR"]) / "backend.log").open("w")
     proc = subprocess.Popen(
@@ -67,7 +70,7 @@ def backend(label_studio, tmp_path_factory):
     )
     url = f"http://127.0.0.1:{port}"
     wait_http(f"{url}/health", 60, proc)
-    yield url
+    yield SimpleNamespace(url=url, model_dir=env["MODEL_DIR"])
     proc.terminate()
     proc.wait(timeout=30)
 
@@ -94,7 +97,8 @@ def _wait_for_training(backend: str, project: int, previous: str | None, timeout
 
 
 def test_pre_annotate_learn_and_rank(label_studio, backend, tmp_path):
-    ls = label_studio
+    ls, server = label_studio, backend
+    backend = server.url
     rng = np.random.default_rng(3)
     images, truths = {}, {}
     for i in range(20):
@@ -169,15 +173,6 @@ def test_pre_annotate_learn_and_rank(label_studio, backend, tmp_path):
             brushes += 1
     assert brushes >= 3
 
-    # Uncertainty sampling serves the unlabelled task with the lowest score first.
-    r = ls.api("PATCH", f"/api/projects/{pid}", json={"sampling": "Uncertainty sampling"})
-    assert r.status_code == 200, r.text
-    unlabelled_ids = {by_name[n]["id"] for n in unlabelled}
-    lowest = min((p for p in preds if p["task"] in unlabelled_ids), key=lambda p: p["score"])
-    nxt = ls.api("GET", f"/api/projects/{pid}/next")
-    assert nxt.status_code == 200, nxt.text
-    assert nxt.json()["id"] == lowest["task"]
-
     # A human brush mask on one more image; the next training uses it.
     n = next(n for n in unlabelled if images[n] == "finding")
     human = [
@@ -195,7 +190,109 @@ def test_pre_annotate_learn_and_rank(label_studio, backend, tmp_path):
     assert ls.api("GET", f"/api/projects/{pid}").json()["model_version"] == v2
     assert set(requests.get(f"{backend}/versions", timeout=5).json()["versions"]) >= {v1, v2}
     manifest = requests.get(f"{backend}/versions/{v2}", timeout=5).json()
-    assert manifest["metrics"]["source"]["masks"] == 1
-    assert manifest["metrics"]["source"]["used"] == 15
+    source = manifest["metrics"]["source"]
+    # 15 annotated tasks (one with a human mask) + 6 unannotated ones through pseudo-masks.
+    assert (source["masks"], source["labelled"], source["unlabelled"]) == (1, 15, 6)
+    assert manifest["metrics"]["pseudo_masks"] > 0
     assert manifest["metrics"]["fine_tuned_from"] == v1
+    assert manifest["metrics"]["promotion"]["accepted"] is True
     assert task_name  # every task name was resolved
+
+    _rank_and_check(ls, server, pid, v2)
+    _worse_version_is_kept_but_not_served(ls, server, pid, v2)
+
+
+def _settings(ls: LabelStudio, server: SimpleNamespace):
+    from backend.settings import Settings
+
+    return Settings(
+        model_dir=server.model_dir, label_studio_url=ls.url, label_studio_api_key=ls.pat
+    )
+
+
+def _own_values(ls, server, pid: int, tasks: list[dict], name: str) -> dict[int, float]:
+    """The backend's own acquisition values, computed here in-process."""
+    from backend.fetch import ImageFetcher
+    from backend.model import CamLabelModel, ModelHolder
+
+    settings = _settings(ls, server)
+    config = ls.api("GET", f"/api/projects/{pid}").json()["label_config"]
+    model = CamLabelModel(ModelHolder(settings), ImageFetcher(settings), settings, config)
+    model.acquisition = name
+    preds = model.predict(tasks)
+    return {t["id"]: p["acquisition"]["value"] for t, p in zip(tasks, preds, strict=True)}
+
+
+def _rank_and_check(ls: LabelStudio, server: SimpleNamespace, pid: int, version: str) -> None:
+    env = {
+        **os.environ,
+        "MODEL_DIR": server.model_dir,
+        "LABEL_STUDIO_URL": ls.url,
+        "LABEL_STUDIO_API_KEY": ls.pat,
+    }
+    run = subprocess.run(
+        [sys.executable, "-m", "backend.cli", "rank", "--project", str(pid), "--acquisition",
+         "bald"],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "21 of 21 tasks ranked by bald" in run.stdout
+    project = ls.api("GET", f"/api/projects/{pid}").json()
+    assert project["model_version"] == version and project["sampling"] == "Uncertainty sampling"
+    preds = [
+        p
+        for p in ls.api("GET", "/api/predictions", params={"project": pid}).json()
+        if p["model_version"] == version
+    ]
+    # Re-ranking replaced the version's predictions: one per task, not two.
+    assert len(preds) == 21 and len({p["task"] for p in preds}) == 21
+    tasks = ls.api("GET", "/api/tasks", params={"project": pid, "page_size": 100}).json()["tasks"]
+    open_tasks = [t for t in tasks if not t["total_annotations"]]
+    values = _own_values(ls, server, pid, open_tasks, "bald")
+    stored = {p["task"]: p["score"] for p in preds}
+    for tid, v in values.items():
+        assert stored[tid] == pytest.approx(1 - v, abs=1e-5)
+    ranked = sorted(values, key=lambda t: -values[t])
+    nxt = ls.api("GET", f"/api/projects/{pid}/next")
+    assert nxt.status_code == 200, nxt.text
+    assert nxt.json()["id"] == ranked[0]
+    view = next(
+        v
+        for v in ls.api("GET", "/api/dm/views", params={"project": pid}).json()
+        if v["data"]["title"] == "camlabel: most uncertain first"
+    )
+    listed = ls.api(
+        "GET", "/api/tasks", params={"project": pid, "view": view["id"], "page_size": 100}
+    ).json()["tasks"]
+    assert [t["id"] for t in listed] == ranked  # unlabelled only, most uncertain first
+
+    # Batch diversity: the first query batch is re-ordered, and Label Studio follows it.
+    from backend.ranking import rank_project
+
+    report = rank_project(_settings(ls, server), pid, "bald", diversity=3, progress=False)
+    assert len(report.diverse_batch) == 3 and set(report.diverse_batch) <= set(values)
+    # (/next now returns the task it locked for this user above, so the tab is the check.)
+    listed = ls.api(
+        "GET", "/api/tasks", params={"project": pid, "view": report.view_id, "page_size": 100}
+    ).json()["tasks"]
+    assert report.view_id == view["id"]  # the same tab, updated
+    assert [t["id"] for t in listed][:3] == report.diverse_batch
+
+
+def _worse_version_is_kept_but_not_served(ls, server, pid: int, current: str) -> None:
+    """A new version that loses on the hold-out is stored with the reason, never served."""
+    from backend.jobs import TrainingSettings, train_from_project
+    from wsl_models.versions import ModelStore
+
+    strict = TrainingSettings(
+        members="tiny,tiny", image_size="96", epochs=1, weights="none", lr=0.003,
+        tolerance=-100.0,  # a new version must be 100 points better: impossible
+    )  # fmt: skip
+    version, promoted = train_from_project(_settings(ls, server), pid, strict)
+    store = ModelStore(server.model_dir)
+    assert not promoted and store.current_id() == current
+    assert version in store.version_ids()
+    promotion = store.manifest(version)["metrics"]["promotion"]
+    assert promotion["accepted"] is False and "worse than the current" in promotion["reason"]
+    assert promotion["compared_with"] == current
+    assert ls.api("GET", f"/api/projects/{pid}").json()["model_version"] == current

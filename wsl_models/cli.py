@@ -38,6 +38,15 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--patience", type=int, default=6)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    t.add_argument(
+        "--train-masks",
+        action="store_true",
+        help="use the masks of training images as pixel supervision (default: labels only)",
+    )
+    t.add_argument("--mask-weight", type=float, default=1.0)
+    t.add_argument(
+        "--minmax", action="store_true", help="also train the min-max entropy localizer head"
+    )
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("evaluate", help="accuracy, PxAP, Dice/IoU on a pixel-labelled split")
@@ -70,8 +79,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         mc_samples=args.mc_samples,
         cam_method=args.cam,
         mask_classes=[c for c in args.mask_classes.split(",") if c] or None,
+        localizer=args.minmax,
     )
     cfg = TrainConfig(
+        train_masks=args.train_masks,
+        mask_weight=args.mask_weight,
+        minmax=args.minmax,
         epochs=args.epochs,
         batch_size=args.batch_size,
         lr=args.lr,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import csv
-import random
+import hashlib
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -70,8 +70,9 @@ def load_dataset(root: str | Path) -> Dataset:
     samples = []
     for n, row in enumerate(rows, start=2):
         name, label = (row["image"] or "").strip(), (row["label"] or "").strip()
-        if not name or not label:
-            raise DatasetError(f"{table}:{n}: empty image name or label")
+        if not name:
+            raise DatasetError(f"{table}:{n}: empty image name")
+        # An empty label is an unlabelled image: it can still teach through a pseudo-mask.
         image = root / "images" / name
         if not image.is_file():
             raise DatasetError(f"{table}:{n}: image {image} not found")
@@ -81,33 +82,50 @@ def load_dataset(root: str | Path) -> Dataset:
         )
     if not samples:
         raise DatasetError(f"{table} lists no images")
-    classes = tuple(sorted({s.label for s in samples}))
+    classes = tuple(sorted({s.label for s in samples if s.label}))
+    if not classes:
+        raise DatasetError(f"{table}: no image has a label")
     return Dataset(root, classes, tuple(samples))
+
+
+def _unit_hash(name: str, seed: int) -> float:
+    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
 
 
 def stratified_holdout(
     samples: Sequence[Sample], fraction: float, seed: int
 ) -> tuple[list[Sample], list[Sample]]:
-    """Hold out ``fraction`` of each class (at least one image per class when it has two)."""
+    """Hold out about ``fraction`` of each class's labelled images (at least one per class
+    when it has two); unlabelled images always train.
+
+    An image is held out when a hash of its name falls below ``fraction``, so its place never
+    changes as a project grows: a model trained earlier never saw the images that judge it
+    against its successor. (The one exception: a class with no image below ``fraction`` holds
+    out its lowest-hash image until the class has one.)
+    """
     by_class: dict[str, list[Sample]] = defaultdict(list)
-    for s in samples:
-        by_class[s.label].append(s)
-    rng = random.Random(seed)
     train, held = [], []
+    for s in samples:
+        (by_class[s.label] if s.label else train).append(s)
     for label in sorted(by_class):
-        group = sorted(by_class[label], key=lambda s: s.name)
-        rng.shuffle(group)
-        k = round(len(group) * fraction) if fraction > 0 else 0
+        group = sorted(by_class[label], key=lambda s: _unit_hash(s.name, seed))
+        k = sum(_unit_hash(s.name, seed) < fraction for s in group)
         k = max(k, 1) if fraction > 0 and len(group) >= 2 else k
+        k = min(k, len(group) - 1) if len(group) >= 2 else 0
         held += group[:k]
         train += group[k:]
     return train, held
 
 
 def class_balanced_weights(labels: Sequence[int]) -> torch.Tensor:
-    """Per-sample weights so every class is drawn equally often."""
-    counts = np.bincount(labels)
-    return torch.tensor([1.0 / counts[y] for y in labels], dtype=torch.double)
+    """Per-sample weights so every class is drawn equally often (unlabelled, -1: as often as
+    an average labelled image)."""
+    known = [y for y in labels if y >= 0]
+    counts = np.bincount(known) if known else np.ones(1)
+    per = [1.0 / counts[y] if y >= 0 else 0.0 for y in labels]
+    mean = float(np.mean([p for p in per if p > 0])) if known else 1.0
+    return torch.tensor([p if p > 0 else mean for p in per], dtype=torch.double)
 
 
 class ImageDataset(torch.utils.data.Dataset):
@@ -120,11 +138,12 @@ class ImageDataset(torch.utils.data.Dataset):
         size: tuple[int, int],
         augment: bool = False,
     ) -> None:
-        unknown = sorted({s.label for s in samples} - set(classes))
+        unknown = sorted({s.label for s in samples if s.label} - set(classes))
         if unknown:
             raise DatasetError(f"unknown class(es) {unknown}; the model knows {list(classes)}")
         self.samples = list(samples)
-        self.labels = [list(classes).index(s.label) for s in samples]
+        # -1: an unlabelled image (no classification loss)
+        self.labels = [list(classes).index(s.label) if s.label else -1 for s in samples]
         self.size = size
         self.augment = _augmentation(size) if augment else None
         self._cache: dict[int, torch.Tensor] = {}

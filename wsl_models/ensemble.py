@@ -40,11 +40,20 @@ class EnsembleConfig:
     # (GlaS: glands in benign and malignant images alike).
     map_mode: str = "class"
     tta_flip: bool = False  # average each CAM with the CAM of the mirrored image (2x backbone)
+    # Members carry a min-max entropy localizer head (trained with TrainConfig.minmax), and
+    # where the maps come from: "cam" (the CAM method) or "localizer" (that head; the same
+    # class-agnostic map for every class).
+    localizer: bool = False
+    map_source: str = "cam"
 
     def __post_init__(self) -> None:
         self.image_size = tuple(int(v) for v in self.image_size)  # type: ignore[assignment]
         if self.map_mode not in ("class", "max"):
             raise ValueError(f"map_mode must be 'class' or 'max', not {self.map_mode!r}")
+        if self.map_source not in ("cam", "localizer"):
+            raise ValueError(f"map_source must be 'cam' or 'localizer', not {self.map_source!r}")
+        if self.map_source == "localizer" and not self.localizer:
+            raise ValueError("map_source 'localizer' needs members with a localizer head")
         if self.review_measure not in MEASURES:
             raise ValueError(f"unknown review measure {self.review_measure!r}")
         unknown = set(self.mask_classes or []) - set(self.classes)
@@ -89,6 +98,9 @@ class EnsembleOutput:
     agree: torch.Tensor  # (M, B) bool: member's class == ensemble class
     uncertainty: dict[str, torch.Tensor]  # name -> (B,)
     flagged: torch.Tensor  # (B,) bool
+    # (B, D) each member's pooled features, L2-normalised, concatenated: what batch diversity
+    # compares (two images the ensemble "sees" alike get a cosine similarity near 1).
+    embeddings: torch.Tensor | None = None
 
     @property
     def member_probs(self) -> torch.Tensor:
@@ -121,7 +133,11 @@ class Ensemble:
             raise ValueError("members do not match the config")
         self.members = members
         self.config = config
-        self.cam = cam_method(config.cam_method)
+        self.cam = self.cam_for(config)
+
+    @staticmethod
+    def cam_for(config: EnsembleConfig) -> Any:
+        return cam_method(config.cam_method)
 
     @property
     def device(self) -> torch.device:
@@ -136,21 +152,29 @@ class Ensemble:
         """images: (B, 3, H, W) float in [0, 1] at the config's image size."""
         cfg = self.config
         images = images.to(self.device)
-        mc, cams = [], []
+        mc, cams, embeddings = [], [], []
         for i, member in enumerate(self.members):
             member.eval()
             with torch.no_grad():
                 features = member.feature_map(images)
                 pooled = features.mean(dim=(2, 3))
+                embeddings.append(torch.nn.functional.normalize(pooled.float(), dim=1).cpu())
                 s = None if seed is None else seed + i
                 mc.append(mc_dropout_probs(member, pooled, cfg.mc_samples, s).float().cpu())
-                if isinstance(self.cam, AnalyticCAM):
+                if cfg.map_source == "localizer":
+                    fg = member.localize(features)
+                    if cfg.tta_flip:
+                        fg = (
+                            fg + member.localize(member.feature_map(images.flip(-1))).flip(-1)
+                        ) / 2
+                    maps = normalize_maps(fg.expand(-1, len(cfg.classes), -1, -1))
+                elif isinstance(self.cam, AnalyticCAM):
                     maps = normalize_maps(self.cam.from_features(features, member.head.weight))
                     if cfg.tta_flip:
                         mirrored = member.feature_map(images.flip(-1))
                         raw_m = self.cam.from_features(mirrored, member.head.weight).flip(-1)
                         maps = normalize_maps(maps + normalize_maps(raw_m))
-            if not isinstance(self.cam, AnalyticCAM):
+            if cfg.map_source == "cam" and not isinstance(self.cam, AnalyticCAM):
                 maps = normalize_maps(self.cam(member, images).float())
             cams.append(maps.float().cpu())
         mc_probs = torch.stack(mc)  # (M, T, B, C)
@@ -165,7 +189,10 @@ class Ensemble:
         flagged = agree.sum(dim=0) < need
         if cfg.review_threshold is not None:
             flagged |= unc[cfg.review_measure] > cfg.review_threshold
-        return EnsembleOutput(cfg.member_keys, mc_probs, cams, probs, label, agree, unc, flagged)
+        emb = torch.cat(embeddings, dim=1) / len(embeddings) ** 0.5
+        return EnsembleOutput(
+            cfg.member_keys, mc_probs, cams, probs, label, agree, unc, flagged, emb
+        )
 
     def masks(
         self, out: EnsembleOutput, index: int, size: tuple[int, int], label: int | None = None

@@ -62,12 +62,16 @@ class Member(nn.Module):
         dropout: float,
         mean: tuple[float, float, float],
         std: tuple[float, float, float],
+        localizer: bool = False,
     ) -> None:
         super().__init__()
         self.name = name
         self.features = features
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(channels, num_classes)
+        # The min-max entropy localizer: a 1x1 conv on the same feature map -> one foreground
+        # logit per cell (class-agnostic, like a segmentation head). None: CAMs only.
+        self.localizer = nn.Conv2d(channels, 1, 1) if localizer else None
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
 
@@ -79,6 +83,12 @@ class Member(nn.Module):
     def feature_map(self, x: torch.Tensor) -> torch.Tensor:
         return self.features((x - self.mean) / self.std)
 
+    def localize(self, features: torch.Tensor) -> torch.Tensor:
+        """(B, 1, h, w) foreground probability from the localizer head."""
+        if self.localizer is None:
+            raise ValueError(f"member {self.name} has no localizer head")
+        return torch.sigmoid(self.localizer(features))
+
     def logits_from_pooled(self, pooled: torch.Tensor) -> torch.Tensor:
         return self.head(self.dropout(pooled))
 
@@ -89,7 +99,8 @@ class Member(nn.Module):
         return list(self.features.parameters())
 
     def head_parameters(self) -> list[nn.Parameter]:
-        return list(self.head.parameters())
+        extra = list(self.localizer.parameters()) if self.localizer is not None else []
+        return list(self.head.parameters()) + extra
 
 
 # ---------------------------------------------------------------- builders
@@ -304,6 +315,7 @@ def build_member(
     weights: str | Path | Weights | None = "none",
     dropout: float = 0.5,
     output_stride: int = 32,
+    localizer: bool = False,
 ) -> Member:
     """Build a member by name; ``weights`` is ``imagenet``, ``none`` or a local file path."""
     if output_stride not in (16, 32):
@@ -315,7 +327,7 @@ def build_member(
         raise ValueError("dropout must be in [0, 1)")
     w = weights if isinstance(weights, Weights) else Weights.parse(weights)
     features, channels = spec.build(w.source == "imagenet", output_stride)
-    member = Member(name, features, channels, num_classes, dropout, spec.mean, spec.std)
+    member = Member(name, features, channels, num_classes, dropout, spec.mean, spec.std, localizer)
     if w.is_file:
         _load_backbone_file(member, Path(w.source))
     return member.eval()

@@ -33,6 +33,18 @@ from .ensemble import Ensemble, EnsembleConfig
 from .masks import calibrate_threshold
 from .members import Member, Weights, build_member
 from .metrics import pxap
+from .supervision import (
+    HUMAN,
+    NO_TARGET,
+    PSEUDO,
+    PixelDataset,
+    class_map,
+    default_cam,
+    human_target,
+    minmax_entropy_loss,
+    pixel_loss,
+    pseudo_target,
+)
 
 log = logging.getLogger(__name__)
 
@@ -51,11 +63,28 @@ class TrainConfig:
     freeze_bn: bool | None = None  # None: frozen when pretrained
     calibration_images: int = 6
     review_quantile: float = 0.9
-    # Checkpoint selection: "loss" (validation loss) or "localization" (PxAP of the member's
-    # CAM on the pixel-labelled calibration images: the Survey's B-LOC rule).
-    select: str = "loss"
+    # Checkpoint selection: "loss" (validation loss), "localization" (PxAP of the member's
+    # CAM on the pixel-labelled calibration images: the Survey's B-LOC rule), "last" (the final
+    # epoch), or "auto": "last" when pixel targets are used (the classification loss says
+    # nothing about the masks being learned), else "loss".
+    select: str = "auto"
     device: str = "auto"
     progress: bool = True
+    # Pixel supervision (supervision.py). Loss = CE + mask_weight * BCE(class map, human mask)
+    # + pseudo_weight * BCE(class map, pseudo-mask). Pseudo-masks come from the previous
+    # version's consensus map: >= pseudo_fg foreground, <= pseudo_bg background, between ignored.
+    # train_masks: whether masks of *training* images supervise pixels (the Label Studio job:
+    # yes, they are the annotators' masks). Off by default so a dataset's masks/ folder, there
+    # for evaluation and calibration, never silently turns weak supervision into full.
+    train_masks: bool = False
+    mask_weight: float = 1.0
+    pseudo_weight: float = 0.1  # 0: no pseudo-masks
+    pseudo_fg: float = 0.7
+    pseudo_bg: float = 0.3
+    # The min-max entropy localizer (members get a localizer head; see supervision.py).
+    minmax: bool = False
+    minmax_weight: float = 1.0
+    minmax_area: tuple[float, float] = (0.1, 0.9)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -105,6 +134,47 @@ def _evaluate_loss(member: Member, ds: ImageDataset, device: torch.device, bs: i
     return loss / len(ds), correct / len(ds)
 
 
+def _batch(batch: list | tuple, device: torch.device) -> tuple:
+    """(x, y) from an ImageDataset, (x, y, target, kind) from a PixelDataset."""
+    x, y = batch[0].to(device), torch.as_tensor(batch[1], device=device)
+    if len(batch) == 2:
+        return x, y, None, None
+    return x, y, batch[2].to(device), torch.as_tensor(batch[3], device=device)
+
+
+def _step_loss(
+    member: Member,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    target: torch.Tensor | None,
+    kind: torch.Tensor | None,
+    cfg: TrainConfig,
+    cam: Any,
+    mask_class: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The joint loss of one batch; returns (loss, logits)."""
+    features = member.feature_map(x)
+    logits = member.logits_from_pooled(features.mean(dim=(2, 3)))
+    labelled = y >= 0
+    loss = (
+        nn.functional.cross_entropy(logits[labelled], y[labelled])
+        if labelled.any()
+        else logits.sum() * 0.0
+    )
+    weights = {HUMAN: cfg.mask_weight, PSEUDO: cfg.pseudo_weight}
+    if target is not None and bool((kind != NO_TARGET).any()):
+        # Unlabelled images are supervised on the map of the class the model predicts.
+        cls = torch.where(labelled, y, logits.argmax(1))
+        loss = loss + pixel_loss(class_map(member, features, cls, cam), target, kind, weights)
+    if cfg.minmax and member.localizer is not None:
+        wanted = torch.where(labelled & mask_class[y.clamp_min(0)], y, torch.full_like(y, -1))
+        mm, soft = minmax_entropy_loss(member, x, wanted, features, tuple(cfg.minmax_area))
+        loss = loss + cfg.minmax_weight * mm
+        if target is not None:  # the localizer also learns from the human and pseudo masks
+            loss = loss + pixel_loss(soft[:, 0], target, kind, weights)
+    return loss, logits
+
+
 def train_member(
     member: Member,
     train_ds: ImageDataset,
@@ -112,10 +182,24 @@ def train_member(
     cfg: TrainConfig,
     pretrained: bool,
     calib: list[tuple[torch.Tensor, int, np.ndarray]] | None = None,
+    cam: Any = None,
+    mask_class: torch.Tensor | None = None,
 ) -> dict[str, Any]:
-    """Train one member in place; keeps the weights of the best validation epoch."""
+    """Train one member in place; keeps the weights of the selected epoch.
+
+    ``train_ds`` may be a PixelDataset (pixel targets); ``mask_class[c]``: whether class c has
+    a foreground to localise (the min-max objective skips the others).
+    """
     device = resolve_device(cfg.device)
     member.to(device)
+    cam = default_cam(cam)
+    select = cfg.select
+    if select == "auto":
+        pixels = isinstance(train_ds, PixelDataset) and any(k != NO_TARGET for k in train_ds.kinds)
+        select = "last" if pixels or cfg.minmax else "loss"
+    if mask_class is None:
+        mask_class = torch.ones(max(train_ds.labels) + 1, dtype=torch.bool)
+    mask_class = mask_class.to(device)
     freeze_bn = pretrained if cfg.freeze_bn is None else cfg.freeze_bn
     factor = cfg.backbone_lr_factor or (0.1 if pretrained else 1.0)
     opt = torch.optim.AdamW(
@@ -142,27 +226,29 @@ def train_member(
     bar = tqdm(range(cfg.epochs), desc=member.name, disable=not cfg.progress, leave=True)
     for epoch in bar:
         _set_train_mode(member, freeze_bn)
-        total, correct, seen = 0.0, 0, 0
-        for x, y in loader:
-            x, y = x.to(device), y.to(device)
-            logits = member(x)
-            loss = nn.functional.cross_entropy(logits, y)
+        total, correct, seen, labelled = 0.0, 0, 0, 0
+        for batch in loader:
+            x, y, target, kind = _batch(batch, device)
+            loss, logits = _step_loss(member, x, y, target, kind, cfg, cam, mask_class)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             total += float(loss.detach()) * len(y)
-            correct += int((logits.argmax(1) == y).sum())
+            correct += int(((logits.argmax(1) == y) & (y >= 0)).sum())
             seen += len(y)
+            labelled += int((y >= 0).sum())
         sched.step()
-        row = {"epoch": epoch + 1, "loss": total / seen, "acc": correct / seen}
+        row = {"epoch": epoch + 1, "loss": total / seen, "acc": correct / max(labelled, 1)}
         if val_ds is not None and len(val_ds):
             row["val_loss"], row["val_acc"] = _evaluate_loss(member, val_ds, device, cfg.batch_size)
             key = (row["val_loss"], -row["val_acc"])
         else:
             key = (row["loss"], -row["acc"])
-        if cfg.select == "localization" and calib:
+        if select == "localization" and calib:
             row["val_pxap"] = _localization_score(member, calib, device)
             key = (-row["val_pxap"], *key)
+        if select == "last":
+            key = (-float(epoch),)
         history.append(row)
         bar.set_postfix({k: f"{v:.3f}" for k, v in row.items() if k != "epoch"})
         if key < best:
@@ -175,7 +261,7 @@ def train_member(
                 break
     member.load_state_dict(best_state)
     member.eval()
-    return {"history": history, "best_epoch": best_epoch}
+    return {"history": history, "best_epoch": best_epoch, "select": select}
 
 
 @torch.no_grad()
@@ -265,11 +351,65 @@ def compatible(previous: Ensemble | None, ens_cfg: EnsembleConfig) -> bool:
     if previous is None:
         return False
     p = previous.config
-    return (p.members, p.classes, p.output_stride) == (
+    return (p.members, p.classes, p.output_stride, p.localizer) == (
         list(ens_cfg.members),
         list(ens_cfg.classes),
         ens_cfg.output_stride,
+        ens_cfg.localizer,
     )
+
+
+def pseudo_targets(
+    ensemble: Ensemble, samples: list[Sample], cfg: TrainConfig, batch_size: int = 16
+) -> list[np.ndarray | None]:
+    """Pseudo-masks from ``ensemble``'s consensus (its intersection map) at its input size.
+
+    The map of the image's label (or, unlabelled, of the predicted class); None for images
+    of classes that get no masks (their class map is not a foreground).
+    """
+    conf = ensemble.config
+    size = tuple(conf.image_size)
+    ds = ImageDataset(samples, conf.classes, size)
+    out: list[np.ndarray | None] = []
+    for i in range(0, len(ds), batch_size):
+        idx = range(i, min(i + batch_size, len(ds)))
+        pred = ensemble.predict(torch.stack([ds[j][0] for j in idx]), seed=cfg.seed)
+        for b, j in enumerate(idx):
+            label = ds.labels[j] if ds.labels[j] >= 0 else int(pred.label[b])
+            masks = ensemble.masks(pred, b, size, label=label)
+            out.append(pseudo_target(masks.intersection_map, cfg.pseudo_fg, cfg.pseudo_bg)
+                       if masks.wanted else None)  # fmt: skip
+    return out
+
+
+def _pixel_train_set(
+    train_s: list[Sample],
+    ens_cfg: EnsembleConfig,
+    cfg: TrainConfig,
+    teacher: Ensemble | None,
+    augment: bool = True,
+) -> tuple[ImageDataset, dict[str, int]]:
+    """Human masks where they exist, pseudo-masks (from ``teacher``) elsewhere."""
+    size = tuple(ens_cfg.image_size)
+    wanted = set(ens_cfg.mask_classes or ens_cfg.classes)
+    targets: list[np.ndarray | None] = [
+        human_target(s, size) if (s.label in wanted or not s.label) and cfg.train_masks
+        else None
+        for s in train_s
+    ]  # fmt: skip
+    kinds = [HUMAN if t is not None else NO_TARGET for t in targets]
+    rest = [i for i, t in enumerate(targets) if t is None]
+    if teacher is not None and cfg.pseudo_weight > 0 and rest:
+        for i, t in zip(
+            rest, pseudo_targets(teacher, [train_s[i] for i in rest], cfg), strict=True
+        ):
+            if t is not None:
+                targets[i], kinds[i] = t, PSEUDO
+    counts = {"human_masks": kinds.count(HUMAN), "pseudo_masks": kinds.count(PSEUDO)}
+    counts["unlabelled"] = sum(1 for s in train_s if not s.label)
+    if not counts["human_masks"] and not counts["pseudo_masks"]:
+        return ImageDataset(train_s, ens_cfg.classes, size, augment=augment), counts
+    return PixelDataset(train_s, ens_cfg.classes, size, targets, kinds, augment=augment), counts
 
 
 def train_ensemble(
@@ -281,39 +421,50 @@ def train_ensemble(
 ) -> tuple[Ensemble, dict[str, Any]]:
     """Train every member on ``split`` with a stratified hold-out; calibrate; return the ensemble.
 
-    ``init``: a previous version to fine-tune from when it is compatible (same members, classes
-    and output stride); otherwise members start from their ``weights``.
+    ``init``: a previous version to fine-tune from when it is compatible (same members,
+    classes, output stride and localizer); otherwise members start from their ``weights``.
+    It also makes the pseudo-masks (``cfg.pseudo_weight`` > 0), compatible or not.
+    Images of ``split`` may carry a human mask, an image label, or neither (label "").
     """
+    if cfg.minmax and not ens_cfg.localizer:
+        raise ValueError("minmax training needs EnsembleConfig(localizer=True)")
+    if cfg.select not in ("auto", "loss", "localization", "last"):
+        raise ValueError(f"select must be auto, loss, localization or last, not {cfg.select!r}")
     fine_tune = compatible(init, ens_cfg)
     samples = dataset.split(split)
     val_named = [s for s in dataset.samples if s.split in ("val", "valid", "validation")]
     if val_named:
-        train_s, held = samples, val_named
+        train_s, held = samples, [s for s in val_named if s.label]
     else:
         train_s, held = stratified_holdout(samples, cfg.val_fraction, cfg.seed)
     if not train_s:
         raise DatasetError("no training images left after the validation hold-out")
-    if len({s.label for s in train_s}) < 2:
-        raise DatasetError("training needs images of at least two classes")
+    if len({s.label for s in train_s if s.label}) < 2:
+        raise DatasetError("training needs labelled images of at least two classes")
     size = tuple(ens_cfg.image_size)
-    train_ds = ImageDataset(train_s, ens_cfg.classes, size, augment=True)
+    train_ds, pixel_counts = _pixel_train_set(train_s, ens_cfg, cfg, init)
     val_ds = ImageDataset(held, ens_cfg.classes, size)
     calib = _calibration_samples(held, cfg.calibration_images, ens_cfg.mask_classes)
     calib_set = None
     if cfg.select == "localization" and calib:
         cds = ImageDataset(calib, ens_cfg.classes, size)
         calib_set = [(*cds[i], m) for i, m in enumerate(load_masks(calib))]
-    if cfg.select not in ("loss", "localization"):
-        raise ValueError(f"select must be 'loss' or 'localization', not {cfg.select!r}")
+    wanted = set(ens_cfg.mask_classes or ens_cfg.classes)
+    mask_class = torch.tensor([c in wanted for c in ens_cfg.classes])
+    cam = Ensemble.cam_for(ens_cfg)
     members, reports = [], {}
     for k, name in enumerate(ens_cfg.members):
         seed_everything(cfg.seed + k)
         w = Weights("none") if fine_tune else weights_for(name, cfg.weights)
-        member = build_member(name, len(ens_cfg.classes), w, ens_cfg.dropout, ens_cfg.output_stride)
+        member = build_member(
+            name, len(ens_cfg.classes), w, ens_cfg.dropout, ens_cfg.output_stride, ens_cfg.localizer
+        )
         if fine_tune:
             member.load_state_dict(init.members[k].state_dict())
         pretrained = fine_tune or w.source != "none"
-        reports[f"{k}-{name}"] = train_member(member, train_ds, val_ds, cfg, pretrained, calib_set)
+        reports[f"{k}-{name}"] = train_member(
+            member, train_ds, val_ds, cfg, pretrained, calib_set, cam, mask_class
+        )
         members.append(member)
     ensemble = Ensemble(members, ens_cfg)
     measured = calibrate(ensemble, val_ds, calib, cfg)
@@ -321,6 +472,8 @@ def train_ensemble(
         "fine_tuned": fine_tune,
         "train_images": len(train_s),
         "val_images": len(held),
+        "held_out": [s.name for s in held],
+        **pixel_counts,
         **measured,
         "members": reports,
         "train_config": asdict(cfg),

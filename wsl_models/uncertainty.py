@@ -21,8 +21,11 @@ def mc_dropout_probs(
     """(T, B, C) softmax samples of the head only, over pooled features computed once.
 
     Dropout sits right after pooling, so re-running the backbone T times would recompute the
-    same features: sampling the head alone is exact and costs T small matmuls. The RNG draws
-    match T full-network passes with only dropout in train mode, pass by pass.
+    same features: sampling the head alone is exact and costs T small matmuls. Each sample
+    draws one dropout mask shared by the whole batch (one "thinned network" per sample), so an
+    image's samples do not depend on which images share its batch: the live /predict of one
+    task and the bulk ranking of a page agree. For one image the draws match T full-network
+    passes with only dropout in train mode, pass by pass.
     """
     if samples < 1:
         raise ValueError("samples must be >= 1")
@@ -30,9 +33,10 @@ def mc_dropout_probs(
         if seed is not None:
             torch.manual_seed(seed)
         p = member.dropout.p
+        ones = torch.ones(1, pooled.shape[1], device=pooled.device, dtype=pooled.dtype)
         out = [
             torch.softmax(
-                member.head(torch.nn.functional.dropout(pooled, p, training=True)), dim=-1
+                member.head(pooled * torch.nn.functional.dropout(ones, p, training=True)), dim=-1
             )
             for _ in range(samples)
         ]

@@ -139,7 +139,12 @@ class ModelStore:
             if not path.is_file() or _sha256(path) != manifest["files"].get(fname):
                 raise VersionError(f"version {vid}: {fname} is missing or corrupt")
             member = build_member(
-                name, len(config.classes), "none", config.dropout, config.output_stride
+                name,
+                len(config.classes),
+                "none",
+                config.dropout,
+                config.output_stride,
+                config.localizer,
             )
             member.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
             members.append(member.eval())

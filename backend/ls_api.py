@@ -1,0 +1,84 @@
+"""The few Label Studio endpoints the backend calls itself (verified against 1.23.2)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import requests
+
+from .fetch import LabelStudioAuth
+from .settings import Settings
+
+
+class TrainingError(RuntimeError):
+    """A Label Studio call or a training step failed; the message says which."""
+
+
+class LabelStudioAPI:
+    """The few Label Studio endpoints the trainer needs (verified against 1.23.2)."""
+
+    def __init__(self, settings: Settings) -> None:
+        if not settings.label_studio_url or not settings.label_studio_api_key:
+            raise TrainingError("training needs LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY")
+        self.url = settings.label_studio_url
+        self.auth = LabelStudioAuth(settings.label_studio_url, settings.label_studio_api_key)
+
+    def _call(self, method: str, path: str, **kw: Any) -> Any:
+        r = requests.request(method, self.url + path, headers=self.auth.header(), timeout=60, **kw)
+        if r.status_code == 401:
+            r = requests.request(
+                method, self.url + path, headers=self.auth.header(refresh=True), timeout=60, **kw
+            )
+        if r.status_code >= 400:
+            raise TrainingError(
+                f"Label Studio {method} {path}: HTTP {r.status_code} {r.text[:200]}"
+            )
+        return r.json()
+
+    def project(self, project_id: int) -> dict:
+        return self._call("GET", f"/api/projects/{project_id}")
+
+    def annotated_tasks(self, project_id: int) -> list[dict]:
+        return self._call(
+            "GET", f"/api/projects/{project_id}/export", params={"exportType": "JSON"}
+        )
+
+    def task_pages(self, project_id: int, page_size: int = 100):
+        page = 1
+        while True:
+            params = {"project": project_id, "page": page, "page_size": page_size}
+            tasks = self._call("GET", "/api/tasks", params=params).get("tasks", [])
+            if tasks:
+                yield tasks
+            if len(tasks) < page_size:
+                return
+            page += 1
+
+    def import_predictions(self, project_id: int, predictions: list[dict]) -> None:
+        self._call("POST", f"/api/projects/{project_id}/import/predictions", json=predictions)
+
+    def set_model_version(self, project_id: int, version: str) -> None:
+        """Label Studio accepts only a version that a prediction (or a backend title) has."""
+        self._call("PATCH", f"/api/projects/{project_id}", json={"model_version": version})
+
+    def delete_predictions(self, project_id: int, version: str) -> None:
+        """Drop the project's predictions of one model version (before re-ranking with it)."""
+        self._call(
+            "DELETE", f"/api/projects/{project_id}/model-versions/", json={"model_version": version}
+        )
+
+    def set_sampling(self, project_id: int, sampling: str = "Uncertainty sampling") -> None:
+        self._call("PATCH", f"/api/projects/{project_id}", json={"sampling": sampling})
+
+    def views(self, project_id: int) -> list[dict]:
+        return self._call("GET", "/api/dm/views", params={"project": project_id})
+
+    def save_view(self, project_id: int, data: dict, view_id: int | None = None) -> dict:
+        body = {"project": project_id, "data": data}
+        if view_id is None:
+            return self._call("POST", "/api/dm/views", json=body)
+        return self._call("PATCH", f"/api/dm/views/{view_id}", json=body)
+
+    def view_tasks(self, project_id: int, view_id: int, page_size: int = 100) -> list[dict]:
+        params = {"project": project_id, "view": view_id, "page_size": page_size, "page": 1}
+        return self._call("GET", "/api/tasks", params=params).get("tasks", [])

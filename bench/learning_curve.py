@@ -1,0 +1,255 @@
+"""Learning curves on GlaS with simulated annotators (issue 4).
+
+Round 0: a model trained on image-level labels only. Each round a strategy picks ``k`` train
+images whose ground-truth masks are then revealed; the model is fine-tuned from the previous
+round (as the backend does) on labels + revealed masks (+ pseudo-masks for the rest, when on);
+PxAP and foreground/background Dice are measured on testA+testB. Dice-AUC = mean over rounds.
+
+    python bench/learning_curve.py --data ../shared/data/glas \
+        --settings random,entropy,bald,random+pseudo,entropy+pseudo,random+pseudo+minmax
+
+Writes bench/results/learning_curve/{results.json, curves.png, summary.md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from wsl_models.acquisition import acquisition
+from wsl_models.data import Dataset, ImageDataset, load_dataset, stratified_holdout
+from wsl_models.ensemble import Ensemble, EnsembleConfig
+from wsl_models.evaluation import evaluate
+from wsl_models.images import parse_size
+from wsl_models.training import TrainConfig, train_ensemble
+
+OUT = Path(__file__).parent / "results" / "learning_curve"
+log = logging.getLogger("learning_curve")
+
+
+def scores(ens: Ensemble, samples: list, strategy: str, seed: int) -> np.ndarray:
+    """Acquisition value of every pool image (larger = asked first)."""
+    ds = ImageDataset(samples, ens.config.classes, tuple(ens.config.image_size))
+    gen = torch.Generator().manual_seed(seed)
+    fn = acquisition(strategy)
+    values = []
+    for i in range(0, len(ds), 16):
+        x = torch.stack([ds[j][0] for j in range(i, min(i + 16, len(ds)))])
+        out = ens.predict(x, seed=seed)
+        values.append(fn(out.mc_probs.flatten(0, 1), generator=gen))
+    return torch.cat(values).numpy()
+
+
+def reveal(ds: Dataset, revealed: set[str]) -> Dataset:
+    """The dataset as the annotators have it: train masks only where revealed."""
+    samples = tuple(
+        s if s.split.startswith("test") or s.name in revealed else dataclasses.replace(s, mask=None)
+        for s in ds.samples
+    )
+    return Dataset(ds.root, ds.classes, samples)
+
+
+def measure(ens: Ensemble, ds: Dataset) -> dict[str, float]:
+    r = evaluate(ens, ds, "test", progress=False)
+    key = "intersection" if len(ens.members) > 1 else ens.config.member_keys[0]
+    loc = r["localization"][key]
+    return {
+        "accuracy": r["accuracy"]["ensemble"],
+        "pxap": loc["pxap"],
+        "dice_fg": loc["dice_fg"],
+        "dice_bg": loc["dice_bg"],
+    }
+
+
+def measure_all(ens: Ensemble, ds: Dataset) -> dict[str, dict[str, float]]:
+    out = {"cam": measure(ens, ds)}
+    if ens.config.localizer:
+        ens.config.map_source = "localizer"
+        try:
+            out["localizer"] = measure(ens, ds)
+        finally:
+            ens.config.map_source = "cam"
+    return out
+
+
+def run_setting(setting: str, ds: Dataset, base: Ensemble, args: argparse.Namespace) -> dict:
+    parts = setting.split("+")
+    strategy, pseudo = parts[0], "pseudo" in parts
+    full = strategy == "full"
+    tcfg = TrainConfig(
+        epochs=args.round_epochs,
+        lr=args.lr,
+        weights="imagenet",
+        calibration_images=0,
+        train_masks=True,
+        mask_weight=args.mask_weight,
+        pseudo_weight=args.pseudo_weight if pseudo else 0.0,
+        minmax="minmax" in parts,
+        progress=False,
+        seed=args.seed,
+    )
+    train, _held = stratified_holdout(ds.split("train"), tcfg.val_fraction, tcfg.seed)
+    revealed: set[str] = set()
+    current = base
+    rounds = [{"round": 0, "masks": 0, **measure_all(base, ds)}]
+    log.info("%s round 0: %s", setting, rounds[-1])
+    for r in range(1, (1 if full else args.rounds) + 1):
+        t0 = time.perf_counter()
+        left = [s for s in train if s.name not in revealed]
+        if full:
+            picked = [s.name for s in left]
+        else:
+            values = scores(current, left, "random" if strategy == "random" else strategy, r)
+            picked = [left[i].name for i in np.argsort(-values, kind="stable")[: args.k]]
+        revealed |= set(picked)
+        current, metrics = train_ensemble(reveal(ds, revealed), current.config, tcfg, init=current)
+        row = {
+            "round": r,
+            "masks": len(revealed),
+            "picked": picked,
+            "pseudo_masks": metrics["pseudo_masks"],
+            "seconds": round(time.perf_counter() - t0, 1),
+            **measure_all(current, ds),
+        }
+        rounds.append(row)
+        log.info("%s round %d: %s", setting, r, {k: v for k, v in row.items() if k != "picked"})
+    dice = [row["cam"]["dice_fg"] for row in rounds]
+    result = {"setting": setting, "rounds": rounds, "dice_auc": float(np.mean(dice))}
+    if base.config.localizer:
+        result["dice_auc_localizer"] = float(
+            np.mean([row["localizer"]["dice_fg"] for row in rounds])
+        )
+    return result
+
+
+def train_base(ds: Dataset, args: argparse.Namespace, minmax: bool) -> Ensemble:
+    cfg = EnsembleConfig(
+        classes=list(ds.classes),
+        members=args.members.split(","),
+        image_size=parse_size(args.size),
+        localizer=minmax,
+    )
+    tcfg = TrainConfig(
+        epochs=args.init_epochs,
+        lr=args.lr,
+        weights="imagenet",
+        calibration_images=0,
+        minmax=minmax,
+        progress=False,
+        seed=args.seed,
+    )
+    t0 = time.perf_counter()
+    ens, _ = train_ensemble(reveal(ds, set()), cfg, tcfg)
+    log.info("base (minmax=%s) trained in %.0f s", minmax, time.perf_counter() - t0)
+    return ens
+
+
+def plot(results: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for res in results:
+        masks = [row["masks"] for row in res["rounds"]]
+        for ax, key in zip(axes, ("dice_fg", "pxap"), strict=True):
+            ax.plot(
+                masks, [row["cam"][key] for row in res["rounds"]], marker="o", label=res["setting"]
+            )
+            if "localizer" in res["rounds"][0]:
+                ax.plot(
+                    masks,
+                    [row["localizer"][key] for row in res["rounds"]],
+                    marker="x",
+                    linestyle="--",
+                    label=res["setting"] + " (localizer map)",
+                )
+    for ax, title in zip(
+        axes, ("foreground Dice (testA+testB)", "PxAP (testA+testB)"), strict=True
+    ):
+        ax.set_xlabel("human masks revealed")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def summary(results: list[dict], args: argparse.Namespace) -> str:
+    lines = [
+        f"Learning curves, GlaS train -> testA+testB, members {args.members}, input {args.size}, "
+        f"k={args.k} masks/round, {args.rounds} rounds, {args.init_epochs} base epochs, "
+        f"{args.round_epochs} epochs/round, mask weight {args.mask_weight}, pseudo weight "
+        f"{args.pseudo_weight}, seed {args.seed}.",
+        "",
+        "| setting | Dice-AUC (CAM) | Dice-AUC (localizer) | round 0 Dice / PxAP | last round Dice / PxAP | masks |",
+        "|---|---|---|---|---|---|",
+    ]
+    for res in results:
+        first, last = res["rounds"][0]["cam"], res["rounds"][-1]["cam"]
+        loc = res.get("dice_auc_localizer")
+        lines.append(
+            f"| {res['setting']} | {res['dice_auc']:.1f} | {'' if loc is None else f'{loc:.1f}'} "
+            f"| {first['dice_fg']:.1f} / {first['pxap']:.1f} | {last['dice_fg']:.1f} / "
+            f"{last['pxap']:.1f} | {res['rounds'][-1]['masks']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--data", default="../shared/data/glas")
+    p.add_argument("--members", default="efficientnet_lite0")
+    p.add_argument("--size", default="224")
+    p.add_argument("--settings", default="random,entropy,bald,random+pseudo")
+    p.add_argument("--rounds", type=int, default=4)
+    p.add_argument("--k", type=int, default=8)
+    p.add_argument("--init-epochs", type=int, default=20)
+    p.add_argument("--round-epochs", type=int, default=6)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--mask-weight", type=float, default=1.0)
+    p.add_argument("--pseudo-weight", type=float, default=0.1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=str(OUT))
+    args = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    ds = load_dataset(args.data)
+    settings = [s for s in args.settings.split(",") if s]
+    bases: dict[bool, Ensemble] = {}
+    results = []
+    for setting in settings:
+        minmax = "minmax" in setting.split("+")
+        if minmax not in bases:
+            bases[minmax] = train_base(ds, args, minmax)
+        base = bases[minmax]
+
+        def state(ens: Ensemble) -> dict[str, torch.Tensor]:
+            return {
+                f"{i}.{k}": v for i, m in enumerate(ens.members) for k, v in m.state_dict().items()
+            }
+
+        snapshot = {k: v.clone() for k, v in state(base).items()}
+        results.append(run_setting(setting, ds, base, args))
+        check = state(base)
+        assert all(torch.equal(snapshot[k], check[k]) for k in snapshot), "base was modified"
+        (out / "results.json").write_text(
+            json.dumps({"args": vars(args), "results": results}, indent=1)
+        )
+        plot(results, out / "curves.png")
+        (out / "summary.md").write_text(summary(results, args))
+    print(summary(results, args))
+
+
+if __name__ == "__main__":
+    main()

@@ -49,7 +49,7 @@ class TrainingSettings:
     epochs: int = 20  # TRAIN_EPOCHS
     weights: str = "imagenet"  # TRAIN_WEIGHTS
     lr: float = 1e-3  # TRAIN_LR
-    mask_weight: float = 1.0  # TRAIN_MASK_WEIGHT: pixel loss on the annotators' masks
+    mask_weight: float = 5.0  # TRAIN_MASK_WEIGHT: pixel loss on the annotators' masks
     pseudo_weight: float = 0.1  # TRAIN_PSEUDO_WEIGHT: pixel loss on pseudo-masks (0: off)
     pseudo_fg: float = 0.7  # TRAIN_PSEUDO_FG / TRAIN_PSEUDO_BG: consensus-map thresholds
     pseudo_bg: float = 0.3

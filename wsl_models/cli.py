@@ -43,7 +43,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="use the masks of training images as pixel supervision (default: labels only)",
     )
-    t.add_argument("--mask-weight", type=float, default=1.0)
+    t.add_argument("--mask-weight", type=float, default=5.0)
     t.add_argument(
         "--minmax", action="store_true", help="also train the min-max entropy localizer head"
     )

@@ -77,7 +77,7 @@ class TrainConfig:
     # yes, they are the annotators' masks). Off by default so a dataset's masks/ folder, there
     # for evaluation and calibration, never silently turns weak supervision into full.
     train_masks: bool = False
-    mask_weight: float = 1.0
+    mask_weight: float = 5.0  # 5 beat 1 on GlaS (Dice-AUC 59.2 vs 58.3; +pseudo 60.9 vs 59.3)
     pseudo_weight: float = 0.1  # 0: no pseudo-masks
     pseudo_fg: float = 0.7
     pseudo_bg: float = 0.3

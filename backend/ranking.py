@@ -90,7 +90,8 @@ def diverse_first(held: list[tuple[float, int, dict]], k: int, floor: float) -> 
     order = diverse_order(values, emb, k)
     for rank, i in enumerate(order):
         preds[i]["score"] = floor * rank / max(len(order), 1)
-    return [preds[i] for i in order] + [p for j, p in enumerate(preds) if j not in set(order)]
+    picked = set(order)
+    return [preds[i] for i in order] + [p for j, p in enumerate(preds) if j not in picked]
 
 
 def rank_project(

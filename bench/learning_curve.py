@@ -79,21 +79,30 @@ def measure_all(ens: Ensemble, ds: Dataset) -> dict[str, dict[str, float]]:
     return out
 
 
+def _train_config(args: argparse.Namespace, epochs: int, **options: object) -> TrainConfig:
+    """Settings shared by the base model and every round: no validation masks are assumed."""
+    return TrainConfig(
+        epochs=epochs,
+        lr=args.lr,
+        weights="imagenet",
+        calibration_images=0,
+        progress=False,
+        seed=args.seed,
+        **options,
+    )
+
+
 def run_setting(setting: str, ds: Dataset, base: Ensemble, args: argparse.Namespace) -> dict:
     parts = setting.split("+")
     strategy, pseudo = parts[0], "pseudo" in parts
     full = strategy == "full"
-    tcfg = TrainConfig(
-        epochs=args.round_epochs,
-        lr=args.lr,
-        weights="imagenet",
-        calibration_images=0,
+    tcfg = _train_config(
+        args,
+        args.round_epochs,
         train_masks=True,
         mask_weight=args.mask_weight,
         pseudo_weight=args.pseudo_weight if pseudo else 0.0,
         minmax="minmax" in parts,
-        progress=False,
-        seed=args.seed,
     )
     train, _held = stratified_holdout(ds.split("train"), tcfg.val_fraction, tcfg.seed)
     revealed: set[str] = set()
@@ -136,19 +145,15 @@ def train_base(ds: Dataset, args: argparse.Namespace, minmax: bool) -> Ensemble:
         image_size=parse_size(args.size),
         localizer=minmax,
     )
-    tcfg = TrainConfig(
-        epochs=args.init_epochs,
-        lr=args.lr,
-        weights="imagenet",
-        calibration_images=0,
-        minmax=minmax,
-        progress=False,
-        seed=args.seed,
-    )
+    tcfg = _train_config(args, args.init_epochs, minmax=minmax)
     t0 = time.perf_counter()
     ens, _ = train_ensemble(reveal(ds, set()), cfg, tcfg)
     log.info("base (minmax=%s) trained in %.0f s", minmax, time.perf_counter() - t0)
     return ens
+
+
+def state(ens: Ensemble) -> dict[str, torch.Tensor]:
+    return {f"{i}.{k}": v for i, m in enumerate(ens.members) for k, v in m.state_dict().items()}
 
 
 def plot(results: list[dict], path: Path) -> None:
@@ -233,11 +238,6 @@ def main() -> None:
         if minmax not in bases:
             bases[minmax] = train_base(ds, args, minmax)
         base = bases[minmax]
-
-        def state(ens: Ensemble) -> dict[str, torch.Tensor]:
-            return {
-                f"{i}.{k}": v for i, m in enumerate(ens.members) for k, v in m.state_dict().items()
-            }
 
         snapshot = {k: v.clone() for k, v in state(base).items()}
         results.append(run_setting(setting, ds, base, args))

@@ -13,10 +13,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 
 from .data import ImageDataset, Sample
 from .ensemble import Ensemble
-from .images import open_image, open_mask
+from .images import open_mask
 from .metrics import mean_scores, pxap_from_histograms, score_histograms, segmentation_scores
 
 
@@ -47,8 +48,8 @@ def holdout_scores(ensemble: Ensemble, samples: list[Sample], seed: int = 0) -> 
             wanted = cfg.mask_classes is None or s.label in cfg.mask_classes
             if s.mask is None or not wanted:
                 continue
-            w, h = open_image(s.image).size
-            truth = open_mask(s.mask, (w, h))
+            with Image.open(s.image) as header:  # the size only: no second decode
+                truth = open_mask(s.mask, header.size)
             res = ensemble.masks(out, b, truth.shape, label=ds.labels[i])
             mask = res.mask if res.mask is not None else np.zeros_like(truth)
             rows.append(segmentation_scores(mask, truth))

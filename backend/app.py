@@ -31,13 +31,34 @@ TRAINING_EVENTS = {
 }
 
 
+WEBHOOK_SECRET_HEADER = "X-Camlabel-Webhook-Secret"
+
+
 class BadRequest(ValueError):
     pass
+
+
+def _basic_auth_ok(settings: Settings) -> bool:
+    auth = request.authorization
+    return (
+        auth is not None
+        and hmac.compare_digest((auth.username or "").encode(), settings.basic_auth_user.encode())
+        and hmac.compare_digest((auth.password or "").encode(), settings.basic_auth_pass.encode())
+    )
+
+
+def _unauthorized(message: str, basic: bool) -> Response:
+    response = jsonify(error=message)
+    response.status_code = 401
+    if basic:
+        response.headers["WWW-Authenticate"] = 'Basic realm="camlabel"'
+    return response
 
 
 def create_app(settings: Settings | None = None, queue: TrainingQueue | None = None) -> Flask:
     settings = settings or Settings.from_env()
     app = Flask("camlabel")
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_request_mb * 1024 * 1024
     holder = ModelHolder(settings)
     fetcher = ImageFetcher(settings)
     queue = queue or TrainingQueue(settings)
@@ -64,21 +85,20 @@ def create_app(settings: Settings | None = None, queue: TrainingQueue | None = N
         return model
 
     @app.before_request
-    def basic_auth() -> Response | None:
-        if not settings.basic_auth_user:
+    def authenticate() -> Response | None:
+        """Basic auth on every route; /webhook also accepts the shared secret instead (Label
+        Studio's auto-created webhook cannot send basic auth, but can send a header)."""
+        if request.path == "/webhook" and settings.webhook_secret:
+            sent = request.headers.get(WEBHOOK_SECRET_HEADER, "")
+            if hmac.compare_digest(sent.encode(), settings.webhook_secret.encode()):
+                return None
+            if not settings.basic_auth_user or not _basic_auth_ok(settings):
+                log.warning("webhook refused: missing or wrong %s header", WEBHOOK_SECRET_HEADER)
+                return _unauthorized("webhook secret missing or wrong", basic=False)
             return None
-        auth = request.authorization
-        ok = (
-            auth is not None
-            and hmac.compare_digest(auth.username or "", settings.basic_auth_user)
-            and hmac.compare_digest(auth.password or "", settings.basic_auth_pass)
-        )
-        if ok:
+        if not settings.basic_auth_user or _basic_auth_ok(settings):
             return None
-        response = jsonify(error="authentication required")
-        response.status_code = 401
-        response.headers["WWW-Authenticate"] = 'Basic realm="camlabel"'
-        return response
+        return _unauthorized("authentication required", basic=True)
 
     @app.get("/")
     @app.get("/health")
@@ -130,10 +150,14 @@ def create_app(settings: Settings | None = None, queue: TrainingQueue | None = N
         if action not in TRAINING_EVENTS:
             return jsonify(status="ignored", action=action)
         project = data.get("project")
-        if not isinstance(project, dict) or "id" not in project:
-            raise BadRequest(f"{action} webhook without a project id")
-        model = CamLabelModel(holder, fetcher, settings, "", str(project["id"]))
-        return jsonify(status=model.fit(action, data, queue), action=action)
+        pid = project.get("id") if isinstance(project, dict) else None
+        if isinstance(pid, str) and pid.isascii() and pid.isdigit():
+            pid = int(pid)
+        if not isinstance(pid, int) or isinstance(pid, bool) or not 0 < pid < 2**63:
+            raise BadRequest(f"{action} webhook without a valid project id")
+        model = CamLabelModel(holder, fetcher, settings, "", str(pid))
+        return jsonify(status=model.fit(action, {**data, "project": {**project, "id": pid}}, queue),
+                       action=action)  # fmt: skip
 
     @app.get("/versions")
     def versions() -> Response:

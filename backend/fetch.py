@@ -18,6 +18,7 @@ from PIL import Image
 from wsl_models.images import ImageError, open_image
 
 from .settings import Settings
+from .url_policy import UrlPolicy, UrlRefused
 
 log = logging.getLogger(__name__)
 
@@ -64,11 +65,18 @@ class LabelStudioAuth:
         return r.json()["access"]
 
 
+MAX_REDIRECTS = 3
+
+
 class ImageFetcher:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, policy: UrlPolicy | None = None) -> None:
         self.settings = settings
         self.auth = LabelStudioAuth(settings.label_studio_url, settings.label_studio_api_key)
         self.session = requests.Session()
+        self.session.trust_env = False  # no proxy or .netrc credentials from the environment
+        self.policy = policy or UrlPolicy.from_settings(
+            settings.label_studio_url, settings.allowed_image_hosts
+        )
 
     def resolve(self, url: str) -> str:
         """Relative Label Studio paths (/data/upload/..., /data/local-files/?d=...) -> absolute."""
@@ -78,11 +86,6 @@ class ImageFetcher:
             return urljoin(self.settings.label_studio_url + "/", url.lstrip("/"))
         return url
 
-    def _is_label_studio(self, url: str) -> bool:
-        base = urlparse(self.settings.label_studio_url)
-        target = urlparse(url)
-        return bool(base.netloc) and (target.scheme, target.netloc) == (base.scheme, base.netloc)
-
     def fetch(self, url: str) -> Image.Image:
         if not isinstance(url, str) or not url:
             raise FetchError("the image field is empty or not a string")
@@ -91,17 +94,33 @@ class ImageFetcher:
         absolute = self.resolve(url)
         scheme = urlparse(absolute).scheme
         if scheme not in ("http", "https"):
-            raise FetchError(f"unsupported image URL scheme {scheme!r} in {url[:100]!r}")
+            raise FetchError(f"unsupported image URL scheme {scheme!r} in {_short(url)!r}")
         return self._decode(self._download(absolute), url)
 
-    def _download(self, url: str) -> bytes:
-        to_ls = self._is_label_studio(url)
-        headers = self.auth.header() if to_ls else {}
-        response = self._get(url, headers)
-        if response.status_code == 401 and to_ls and headers:
+    def _open(self, url: str) -> requests.Response:
+        """GET with the policy checked on the URL and on every redirect it leads to; the Label
+        Studio key goes only to the Label Studio host (cloud storage answers with a redirect)."""
+        for _ in range(MAX_REDIRECTS + 1):
+            try:
+                self.policy.check(url)
+            except UrlRefused as exc:
+                log.warning("refused image URL %s: %s", _short(url), exc)
+                raise FetchError(f"{_short(url)}: {exc}") from exc
+            to_ls = self.policy.is_label_studio(url)
+            headers = self.auth.header() if to_ls else {}
+            response = self._get(url, headers)
+            if response.status_code == 401 and to_ls and headers:
+                response.close()
+                response = self._get(url, self.auth.header(refresh=True))
+            if not response.is_redirect:
+                return response
+            target = response.headers.get("Location", "")
             response.close()
-            response = self._get(url, self.auth.header(refresh=True))
-        with response:
+            url = urljoin(url, target)
+        raise FetchError(f"image URL {_short(url)}: more than {MAX_REDIRECTS} redirects")
+
+    def _download(self, url: str) -> bytes:
+        with self._open(url) as response:
             if response.status_code != 200:
                 raise FetchError(f"image URL {_short(url)} answered HTTP {response.status_code}")
             limit = self.settings.max_download_mb * 1024 * 1024
@@ -119,7 +138,11 @@ class ImageFetcher:
     def _get(self, url: str, headers: dict[str, str]) -> requests.Response:
         try:
             return self.session.get(
-                url, headers=headers, timeout=self.settings.fetch_timeout, stream=True
+                url,
+                headers=headers,
+                timeout=self.settings.fetch_timeout,
+                stream=True,
+                allow_redirects=False,
             )
         except requests.Timeout as exc:
             raise FetchError(f"image URL {_short(url)} timed out") from exc

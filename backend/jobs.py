@@ -256,7 +256,24 @@ class JobLog:
         os.replace(tmp, self.path)
 
 
+def _alive(pid: Any) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 class TrainingQueue:
+    """Jobs survive the process that runs them: a job whose worker died (kill -9, out of memory)
+    is found "running" with a dead pid when the next worker starts, and is queued again up to
+    TRAIN_MAX_ATTEMPTS times in all, then marked failed. A job that raises is not retried (the
+    same data would fail the same way); it is marked failed with the error."""
+
     def __init__(self, settings: Settings, immediate: bool = False) -> None:
         Path(settings.model_dir).mkdir(parents=True, exist_ok=True)
         self.settings = settings
@@ -264,19 +281,21 @@ class TrainingQueue:
             "camlabel", filename=str(Path(settings.model_dir) / "queue.db"), immediate=immediate
         )
         self.log = JobLog(settings.model_dir)
+        self.max_attempts = max(1, int(os.environ.get("TRAIN_MAX_ATTEMPTS", "2")))
         self.task = self.huey.task(retries=0)(self._run)
 
-    def enqueue(self, project: dict[str, Any]) -> str:
+    def enqueue(self, project: dict[str, Any], attempt: int = 1) -> str:
         pid = int(project["id"])
         if not self.huey.put_if_empty(f"pending-{pid}", "1"):
             return "already-queued"
-        self.log.write(pid, state="queued")
-        self.task(pid)
+        self.log.write(pid, state="queued", attempt=attempt)
+        self.task(pid, attempt)
         return "queued"
 
-    def _run(self, project_id: int) -> str:
+    def _run(self, project_id: int, attempt: int = 1) -> str:
         self.huey.get(f"pending-{project_id}")  # from now on, new events queue a new job
-        self.log.write(project_id, state="running", error=None)
+        self.log.write(project_id, state="running", error=None, attempt=attempt,
+                       worker_pid=os.getpid())  # fmt: skip
         try:
             version, promoted = train_from_project(
                 self.settings, project_id, TrainingSettings.from_env()
@@ -288,7 +307,29 @@ class TrainingQueue:
         self.log.write(project_id, state="done", version=version, promoted=promoted)
         return version
 
+    def recover(self) -> dict[str, str]:
+        """Requeue or fail the jobs whose worker died mid-run; returns {project: outcome}."""
+        outcomes = {}
+        for key, job in self.log.read().items():
+            if job.get("state") != "running" or _alive(job.get("worker_pid")):
+                continue
+            attempt = int(job.get("attempt") or 1)
+            if attempt >= self.max_attempts:
+                error = (f"the training worker died during attempt {attempt} of "
+                         f"{self.max_attempts} (killed or out of memory); not retried")  # fmt: skip
+                self.log.write(int(key), state="failed", error=error)
+                outcomes[key] = "failed"
+            else:
+                status = self.enqueue({"id": int(key)}, attempt + 1)
+                if status == "already-queued":  # a newer event's job will train on everything
+                    self.log.write(int(key), state="queued", attempt=attempt + 1)
+                outcomes[key] = "requeued"
+            log.warning("project %s: training worker died mid-job: %s", key, outcomes[key])
+        return outcomes
+
     def run_consumer(self) -> None:
-        """Run jobs until killed; one worker: one training at a time."""
+        """Recover jobs of a dead worker, then run jobs until killed; one worker: one training
+        at a time."""
+        self.recover()
         consumer = self.huey.create_consumer(workers=1, periodic=False)
         consumer.run()

@@ -22,6 +22,14 @@ class Settings:
     fetch_timeout: float = 15.0  # FETCH_TIMEOUT: seconds per image download
     max_download_mb: int = 64  # MAX_DOWNLOAD_MB: larger responses are refused
     max_image_pixels: int = 100_000_000  # MAX_IMAGE_PIXELS: larger images are refused
+    # ALLOWED_IMAGE_HOSTS: hosts images may come from besides LABEL_STUDIO_URL's, comma-
+    # separated: "img.example.org", "*.s3.amazonaws.com", "10.0.0.5:8000", "10.1.0.0/16";
+    # "*" = any host with only public addresses (backend/url_policy.py).
+    allowed_image_hosts: str = ""
+    # WEBHOOK_SECRET: when set, /webhook needs it in the X-Camlabel-Webhook-Secret header (or
+    # valid basic auth, which Label Studio's "Start Training" button sends).
+    webhook_secret: str = field(default="", repr=False)
+    max_request_mb: int = 50  # MAX_REQUEST_MB: larger request bodies get 413
     label_map: str = ""  # LABEL_MAP: "model_class=Label,..." when names differ
     # ACQUISITION: entropy | bald | margin | random. Each prediction's score is
     # 1 - acquisition value, so Label Studio's lowest-score-first order is this order.
@@ -42,6 +50,9 @@ class Settings:
             fetch_timeout=float(_env("FETCH_TIMEOUT", str(cls.fetch_timeout))),
             max_download_mb=int(_env("MAX_DOWNLOAD_MB", str(cls.max_download_mb))),
             max_image_pixels=int(_env("MAX_IMAGE_PIXELS", str(cls.max_image_pixels))),
+            allowed_image_hosts=_env("ALLOWED_IMAGE_HOSTS"),
+            webhook_secret=_env("WEBHOOK_SECRET"),
+            max_request_mb=int(_env("MAX_REQUEST_MB", str(cls.max_request_mb))),
             label_map=_env("LABEL_MAP"),
             acquisition=_env("ACQUISITION", cls.acquisition),
             rank_diversity=int(_env("RANK_DIVERSITY", str(cls.rank_diversity))),

@@ -86,9 +86,13 @@ def process_rss(master: int) -> dict[str, float]:
     return out
 
 
-def serve(model_dir: str, port: int, workers: int, threads: int = 4) -> subprocess.Popen:
+def serve(
+    model_dir: str, port: int, workers: int, threads: int = 4, images: str = ""
+) -> subprocess.Popen:
+    """``images``: the image server's host:port, allow-listed (backend/url_policy.py)."""
     env = {**os.environ, "MODEL_DIR": model_dir, "PORT": str(port), "HOST": "127.0.0.1",
-           "WORKERS": str(workers), "THREADS": str(threads)}  # fmt: skip
+           "WORKERS": str(workers), "THREADS": str(threads),
+           "ALLOWED_IMAGE_HOSTS": images}  # fmt: skip
     proc = subprocess.Popen(
         [sys.executable, "-m", "backend.cli", "serve"],
         env=env,
@@ -123,14 +127,15 @@ def main() -> None:
     base = image_server(folder)
     payload = {"tasks": [task(1, folder, base)], "label_config": CONFIG}
 
-    settings = Settings(model_dir=model_dir)
+    images = base.removeprefix("http://")
+    settings = Settings(model_dir=model_dir, allowed_image_hosts=images)
     model = CamLabelModel(ModelHolder(settings), ImageFetcher(settings), settings, CONFIG)
     model.setup()
     model.predict(payload["tasks"])
     rows = []
     inproc, http_single = [], []
     for workers in (1, 2):
-        proc = serve(model_dir, args.port, workers, args.threads)
+        proc = serve(model_dir, args.port, workers, args.threads, images)
         url = f"http://127.0.0.1:{args.port}/predict"
         for _ in range(2):  # warm every worker
             requests.post(url, json=payload, timeout=100)

@@ -70,7 +70,7 @@ def backend(label_studio, tmp_path_factory):
     )
     url = f"http://127.0.0.1:{port}"
     wait_http(f"{url}/health", 60, proc)
-    yield SimpleNamespace(url=url, model_dir=env["MODEL_DIR"])
+    yield SimpleNamespace(url=url, model_dir=env["MODEL_DIR"], pid=proc.pid)
     proc.terminate()
     proc.wait(timeout=30)
 
@@ -214,6 +214,8 @@ def test_pre_annotate_learn_and_rank(label_studio, backend, tmp_path):
 
     _rank_and_check(ls, server, pid, v2)
     _worse_version_is_kept_but_not_served(ls, server, pid, v2)
+    n = next(n for n in unlabelled if images[n] == "normal")  # still unannotated
+    _kill_9_mid_training(ls, server, pid, v2, by_name[n]["id"], images[n])
 
 
 def _settings(ls: LabelStudio, server: SimpleNamespace):
@@ -310,3 +312,48 @@ def _worse_version_is_kept_but_not_served(ls, server, pid: int, current: str) ->
     assert promotion["accepted"] is False and "worse than the current" in promotion["reason"]
     assert promotion["compared_with"] == current
     assert ls.api("GET", f"/api/projects/{pid}").json()["model_version"] == current
+
+
+def _children(pid: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+def _kill_9_mid_training(ls, server, pid: int, current: str, task_id: int, label: str) -> None:
+    """kill -9 the trainer mid-job and a web worker: serving goes on with the current version,
+    the master restarts the trainer, the job is retried and trains on every annotation,
+    including the one whose webhook started the killed job."""
+    import signal
+
+    choice = {"from_name": "diagnosis", "to_name": "image", "type": "choices",
+              "value": {"choices": [label]}}  # fmt: skip
+    r = ls.api("POST", f"/api/tasks/{task_id}/annotations", json={"result": [choice]})
+    assert r.status_code == 201, r.text  # its webhook queues a job
+    deadline = time.time() + 120
+    job: dict = {}
+    while time.time() < deadline:
+        job = requests.get(f"{server.url}/health", timeout=5).json()["jobs"].get(str(pid), {})
+        if job.get("state") == "running" and job.get("attempt") == 1:
+            break
+        time.sleep(0.1)
+    assert job.get("state") == "running", job
+    trainer = job["worker_pid"]
+    web_workers = [p for p in _children(server.pid) if p != trainer]
+    assert trainer in _children(server.pid) and len(web_workers) == 2
+    os.kill(trainer, signal.SIGKILL)
+    os.kill(web_workers[0], signal.SIGKILL)
+
+    config = ls.api("GET", f"/api/projects/{pid}").json()["label_config"]
+    task = ls.api("GET", f"/api/tasks/{task_id}").json()
+    for _ in range(6):  # both workers' turns, one of them freshly forked
+        r = requests.post(f"{server.url}/predict", json={"tasks": [task], "label_config": config},
+                          timeout=60)  # fmt: skip
+        assert r.status_code == 200 and r.json()["model_version"] == current
+        assert r.json()["results"][0]["result"]
+
+    version = _settled_version(server.url, pid)
+    job = requests.get(f"{server.url}/health", timeout=5).json()["jobs"][str(pid)]
+    assert job["attempt"] == 2 and job["worker_pid"] != trainer, job
+    source = requests.get(f"{server.url}/versions/{version}", timeout=5).json()["metrics"]["source"]
+    assert version != current and source["labelled"] == 16  # the new annotation is in
+    assert trainer not in _children(server.pid)

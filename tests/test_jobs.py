@@ -1,0 +1,83 @@
+"""The training queue under faults: dead workers, concurrent webhooks, half-written versions.
+
+(The real kill -9 of a training worker mid-job, against Label Studio, is in
+test_e2e_label_studio.py; these check the rules it relies on, quickly.)
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import threading
+
+import pytest
+
+from backend.app import create_app
+from backend.jobs import TrainingQueue
+from backend.settings import Settings
+from wsl_models.versions import ModelStore, VersionError
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
+def test_a_job_whose_worker_died_is_requeued_once_then_failed(tmp_path, monkeypatch):
+    monkeypatch.setenv("TRAIN_MAX_ATTEMPTS", "2")
+    queue = TrainingQueue(Settings(model_dir=str(tmp_path)))
+    queue.log.write(4, state="running", attempt=1, worker_pid=_dead_pid())
+    queue.log.write(5, state="running", attempt=2, worker_pid=_dead_pid())
+    queue.log.write(6, state="running", attempt=1, worker_pid=os.getpid())  # alive: untouched
+    queue.log.write(7, state="done", version="v")
+    assert queue.recover() == {"4": "requeued", "5": "failed"}
+    jobs = queue.log.read()
+    assert jobs["4"]["state"] == "queued" and jobs["4"]["attempt"] == 2
+    assert queue.huey.pending_count() == 1  # the retry is really in the queue
+    assert jobs["5"]["state"] == "failed" and "died during attempt 2 of 2" in jobs["5"]["error"]
+    assert jobs["6"]["state"] == "running" and jobs["7"]["state"] == "done"
+    assert queue.recover() == {}  # nothing left to recover
+
+
+def test_a_requeue_after_a_newer_event_makes_no_second_job(tmp_path):
+    queue = TrainingQueue(Settings(model_dir=str(tmp_path)))
+    assert queue.enqueue({"id": 4}) == "queued"  # an annotation arrived after the crash
+    queue.log.write(4, state="running", attempt=1, worker_pid=_dead_pid())
+    assert queue.recover() == {"4": "requeued"}
+    assert queue.huey.pending_count() == 1
+
+
+def test_concurrent_webhooks_from_two_workers_queue_one_training(tmp_path):
+    settings = Settings(model_dir=str(tmp_path))
+    clients = [create_app(settings).test_client() for _ in range(2)]  # two gunicorn workers
+    statuses: list[str] = []
+    barrier = threading.Barrier(8)
+
+    def send(k: int) -> None:
+        barrier.wait()
+        r = clients[k % 2].post("/webhook", json={"action": "ANNOTATION_CREATED",
+                                                  "project": {"id": 9}})  # fmt: skip
+        statuses.append(r.get_json()["status"])
+
+    threads = [threading.Thread(target=send, args=(k,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(statuses) == ["already-queued"] * 7 + ["queued"]
+    assert TrainingQueue(settings).huey.pending_count() == 1
+
+
+def test_half_written_versions_are_never_listed_or_loaded(tmp_path):
+    store = ModelStore(tmp_path)
+    partial = tmp_path / "versions" / ".tmp-20260101-000000-abcdef"
+    partial.mkdir(parents=True)
+    (partial / "0-tiny.pt").write_bytes(b"half a checkpoint")
+    no_manifest = tmp_path / "versions" / "20260101-000001-abcdef"
+    no_manifest.mkdir()
+    (no_manifest / "0-tiny.pt").write_bytes(b"weights but no manifest")
+    assert store.version_ids() == []
+    with pytest.raises(VersionError, match="no complete version"):
+        store.set_current("20260101-000001-abcdef")
+    assert store.current_id() is None

@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 
+from backend import demo
 from backend.ls_api import TrainingError
 from wsl_models.cli import add_commands
 from wsl_models.data import DatasetError
@@ -61,9 +62,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     r.add_argument("--page-size", type=int, default=100, help="tasks per API page and batch")
     r.set_defaults(func=cmd_rank)
+    c = sub.add_parser(
+        "connect",
+        help="connect the backend to a Label Studio project (basic auth, webhook secret)",
+        description="Uses LABEL_STUDIO_URL, LABEL_STUDIO_API_KEY, BASIC_AUTH_USER/PASS and "
+        "WEBHOOK_SECRET from the environment: adds the backend to the project as its ML "
+        "backend (with basic auth when set) and puts the secret header on the webhook Label "
+        "Studio creates for it.",
+    )
+    c.add_argument("--project", type=int, required=True, help="Label Studio project id")
+    c.add_argument(
+        "--backend-url", required=True, help="the backend's URL as Label Studio reaches it"
+    )
+    c.add_argument("--title", default="camlabel")
+    c.set_defaults(func=cmd_connect)
     w = sub.add_parser("worker", help="run the training queue (started by serve)")
     w.add_argument("--parent", type=int, default=None, help="exit when this process is gone")
     w.set_defaults(func=cmd_worker)
+    demo.add_parser(sub)
     return parser
 
 
@@ -81,6 +97,18 @@ def cmd_rank(args: argparse.Namespace) -> int:
         f"Data Manager tab {report.view_id}"
     )
     return 0 if report.failed == 0 else 1
+
+
+def cmd_connect(args: argparse.Namespace) -> int:
+    from backend.connect import connect_project
+    from backend.settings import Settings
+
+    c = connect_project(Settings.from_env(), args.project, args.backend_url, args.title)
+    print(
+        f"project {c.project}: ML backend {c.ml_backend} at {args.backend_url}, webhook "
+        f"{c.webhook} {'with the secret header' if c.secured else 'without a secret'}"
+    )
+    return 0
 
 
 def cmd_worker(args: argparse.Namespace) -> int:

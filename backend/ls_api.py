@@ -23,7 +23,7 @@ class LabelStudioAPI:
         self.url = settings.label_studio_url
         self.auth = LabelStudioAuth(settings.label_studio_url, settings.label_studio_api_key)
 
-    def _call(self, method: str, path: str, **kw: Any) -> Any:
+    def call(self, method: str, path: str, **kw: Any) -> Any:
         r = requests.request(method, self.url + path, headers=self.auth.header(), timeout=60, **kw)
         if r.status_code == 401:
             r = requests.request(
@@ -36,18 +36,16 @@ class LabelStudioAPI:
         return r.json()
 
     def project(self, project_id: int) -> dict:
-        return self._call("GET", f"/api/projects/{project_id}")
+        return self.call("GET", f"/api/projects/{project_id}")
 
     def annotated_tasks(self, project_id: int) -> list[dict]:
-        return self._call(
-            "GET", f"/api/projects/{project_id}/export", params={"exportType": "JSON"}
-        )
+        return self.call("GET", f"/api/projects/{project_id}/export", params={"exportType": "JSON"})
 
     def task_pages(self, project_id: int, page_size: int = 100):
         page = 1
         while True:
             params = {"project": project_id, "page": page, "page_size": page_size}
-            tasks = self._call("GET", "/api/tasks", params=params).get("tasks", [])
+            tasks = self.call("GET", "/api/tasks", params=params).get("tasks", [])
             if tasks:
                 yield tasks
             if len(tasks) < page_size:
@@ -55,30 +53,36 @@ class LabelStudioAPI:
             page += 1
 
     def import_predictions(self, project_id: int, predictions: list[dict]) -> None:
-        self._call("POST", f"/api/projects/{project_id}/import/predictions", json=predictions)
+        self.call("POST", f"/api/projects/{project_id}/import/predictions", json=predictions)
 
     def set_model_version(self, project_id: int, version: str) -> None:
         """Label Studio accepts only a version that a prediction (or a backend title) has."""
-        self._call("PATCH", f"/api/projects/{project_id}", json={"model_version": version})
+        self.call("PATCH", f"/api/projects/{project_id}", json={"model_version": version})
 
     def delete_predictions(self, project_id: int, version: str) -> None:
         """Drop the project's predictions of one model version (before re-ranking with it)."""
-        self._call(
+        self.call(
             "DELETE", f"/api/projects/{project_id}/model-versions/", json={"model_version": version}
         )
 
     def set_sampling(self, project_id: int, sampling: str = "Uncertainty sampling") -> None:
-        self._call("PATCH", f"/api/projects/{project_id}", json={"sampling": sampling})
+        self.call("PATCH", f"/api/projects/{project_id}", json={"sampling": sampling})
 
     def views(self, project_id: int) -> list[dict]:
-        return self._call("GET", "/api/dm/views", params={"project": project_id})
+        return self.call("GET", "/api/dm/views", params={"project": project_id})
 
     def save_view(self, project_id: int, data: dict, view_id: int | None = None) -> dict:
         body = {"project": project_id, "data": data}
         if view_id is None:
-            return self._call("POST", "/api/dm/views", json=body)
-        return self._call("PATCH", f"/api/dm/views/{view_id}", json=body)
+            return self.call("POST", "/api/dm/views", json=body)
+        return self.call("PATCH", f"/api/dm/views/{view_id}", json=body)
 
     def view_tasks(self, project_id: int, view_id: int, page_size: int = 100) -> list[dict]:
         params = {"project": project_id, "view": view_id, "page_size": page_size, "page": 1}
-        return self._call("GET", "/api/tasks", params=params).get("tasks", [])
+        return self.call("GET", "/api/tasks", params=params).get("tasks", [])
+
+    def ml_backends(self, project_id: int) -> list[dict]:
+        return self.call("GET", "/api/ml", params={"project": project_id})
+
+    def webhooks(self, project_id: int) -> list[dict]:
+        return self.call("GET", "/api/webhooks", params={"project": project_id})

@@ -60,6 +60,10 @@ def backend(label_studio, tmp_path_factory):
         "TRAIN_WEIGHTS": "none",
         # Every new version wins here; refusing a worse one is tested in-process below.
         "PROMOTE_TOLERANCE": "100",
+        # Deployed as recommended: basic auth on every route, a shared secret on webhooks.
+        "BASIC_AUTH_USER": "ls-backend",
+        "BASIC_AUTH_PASS": "e2e-basic-pass",
+        "WEBHOOK_SECRET": "e2e-webhook-secret",
     }
     log = (Path(env["MODEL_DIR"]) / "backend.log").open("w")
     proc = subprocess.Popen(
@@ -68,9 +72,12 @@ def backend(label_studio, tmp_path_factory):
         stdout=log,
         stderr=subprocess.STDOUT,
     )
-    url = f"http://127.0.0.1:{port}"
+    plain = f"http://127.0.0.1:{port}"
+    url = f"http://ls-backend:e2e-basic-pass@127.0.0.1:{port}"  # requests sends it as basic auth
     wait_http(f"{url}/health", 60, proc)
-    yield SimpleNamespace(url=url, model_dir=env["MODEL_DIR"], pid=proc.pid)
+    assert requests.get(f"{plain}/health", timeout=5).status_code == 401
+    yield SimpleNamespace(url=url, plain_url=plain, model_dir=env["MODEL_DIR"], pid=proc.pid,
+                          env=env)  # fmt: skip
     proc.terminate()
     proc.wait(timeout=30)
 
@@ -133,9 +140,20 @@ def test_pre_annotate_learn_and_rank(label_studio, backend, tmp_path):
     assert set(by_name) == set(images)
     assert all(t["data"]["image"].startswith("/data/upload/") for t in tasks)  # relative URLs
 
-    ml = ls.api("POST", "/api/ml", json={"project": pid, "url": backend, "title": "camlabel"})
-    assert ml.status_code == 201, ml.text
-    ml_id = ml.json()["id"]
+    # `camlabel connect`: the ML backend with basic auth, the secret on its webhook.
+    connect = subprocess.run(
+        [sys.executable, "-m", "backend.cli", "connect", "--project", str(pid),
+         "--backend-url", server.plain_url],
+        env={**server.env, "LABEL_STUDIO_URL": ls.url, "LABEL_STUDIO_API_KEY": ls.pat},
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert connect.returncode == 0, connect.stderr[-2000:]
+    (ml,) = ls.api("GET", "/api/ml", params={"project": pid}).json()
+    ml_id = ml["id"]
+    assert ml["auth_method"] == "BASIC_AUTH" and ml["state"] == "CO"  # connected, with auth
+    (hook,) = ls.api("GET", "/api/webhooks", params={"project": pid}).json()
+    assert hook["headers"] == {"X-Camlabel-Webhook-Secret": "e2e-webhook-secret"}
+    assert "e2e-webhook-secret" not in connect.stdout + connect.stderr
 
     # Annotators give image-level labels to 14 images; 6 stay unlabelled.
     names = sorted(images)

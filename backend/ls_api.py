@@ -42,13 +42,24 @@ class LabelStudioAPI:
         return self.call("GET", f"/api/projects/{project_id}/export", params={"exportType": "JSON"})
 
     def task_pages(self, project_id: int, page_size: int = 100):
-        page = 1
+        """The project's tasks, a page at a time. Label Studio answers the page after the last
+        with 404 "Invalid page", so the total it reports ends the loop (a 404 too, should the
+        project shrink meanwhile)."""
+        page, seen = 1, 0
         while True:
             params = {"project": project_id, "page": page, "page_size": page_size}
-            tasks = self.call("GET", "/api/tasks", params=params).get("tasks", [])
+            try:
+                body = self.call("GET", "/api/tasks", params=params)
+            except TrainingError as exc:
+                if page > 1 and "HTTP 404" in str(exc):
+                    return
+                raise
+            tasks = body.get("tasks", [])
+            seen += len(tasks)
             if tasks:
                 yield tasks
-            if len(tasks) < page_size:
+            total = body.get("total")
+            if len(tasks) < page_size or (isinstance(total, int) and seen >= total):
                 return
             page += 1
 

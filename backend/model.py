@@ -36,8 +36,18 @@ class ModelHolder:
         self._ensemble: Ensemble | None = None
         self._version: str | None = None
         self.last_error: str | None = None
+        self._pinned = False
+
+    def pin(self) -> tuple[Ensemble | None, str | None]:
+        """Keep the version loaded now, whatever CURRENT says later (a ranking run must not
+        switch versions halfway: its predictions would carry two)."""
+        loaded = self.get()
+        self._pinned = True
+        return loaded
 
     def get(self) -> tuple[Ensemble | None, str | None]:
+        if self._pinned:
+            return self._ensemble, self._version
         wanted = self.store.current_id()
         if wanted and wanted != self._version:
             with self._lock:

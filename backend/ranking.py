@@ -106,7 +106,9 @@ def rank_project(
     """Score every task of the project with the current version; see the module docstring."""
     api = api or LabelStudioAPI(settings)
     project = api.project(project_id)
-    model = CamLabelModel(ModelHolder(settings), ImageFetcher(settings), settings,
+    holder = ModelHolder(settings)
+    holder.pin()  # one version for the whole run, even if a training finishes meanwhile
+    model = CamLabelModel(holder, ImageFetcher(settings), settings,
                           project["label_config"], str(project_id))  # fmt: skip
     if acquisition:
         model.acquisition = acquisition

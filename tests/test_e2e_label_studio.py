@@ -265,8 +265,9 @@ def _rank_and_check(ls: LabelStudio, server: SimpleNamespace, pid: int, version:
         "LABEL_STUDIO_API_KEY": ls.pat,
     }
     run = subprocess.run(
+        # 21 tasks = 3 pages of 7: Label Studio answers a 4th page with 404 (must end the loop)
         [sys.executable, "-m", "backend.cli", "rank", "--project", str(pid), "--acquisition",
-         "bald"],
+         "bald", "--page-size", "7"],
         env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert run.returncode == 0, run.stderr[-2000:]

@@ -81,3 +81,22 @@ def test_half_written_versions_are_never_listed_or_loaded(tmp_path):
     with pytest.raises(VersionError, match="no complete version"):
         store.set_current("20260101-000001-abcdef")
     assert store.current_id() is None
+
+
+def test_a_pinned_holder_keeps_its_version_when_current_moves(tmp_path):
+    import torch
+
+    from backend.model import ModelHolder
+    from wsl_models.ensemble import Ensemble, EnsembleConfig
+    from wsl_models.members import build_member
+
+    cfg = EnsembleConfig(classes=["a", "b"], members=["tiny"], image_size=(64, 64))
+    store = ModelStore(tmp_path)
+    first = store.save(Ensemble([build_member("tiny", 2)], cfg), {})
+    settings = Settings(model_dir=str(tmp_path))
+    pinned, live = ModelHolder(settings), ModelHolder(settings)
+    assert pinned.pin()[1] == first and live.get()[1] == first
+    torch.manual_seed(1)
+    second = store.save(Ensemble([build_member("tiny", 2)], cfg), {})
+    assert live.get()[1] == second
+    assert pinned.get()[1] == first

@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 from pathlib import Path
 
+from . import distributed
 from .data import load_dataset
 from .ensemble import EnsembleConfig
 from .evaluation import evaluate, format_table
@@ -20,7 +22,13 @@ log = logging.getLogger("camlabel")
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    t = sub.add_parser("train", help="train the ensemble on image-level labels")
+    t = sub.add_parser(
+        "train",
+        help="train the ensemble on image-level labels",
+        description="Under torchrun (WORLD_SIZE > 1) training is data-parallel: --batch-size is "
+        "the global batch, split across the processes; only rank 0 writes --out. "
+        "See docs/distributed.md.",
+    )
     t.add_argument("--data", required=True, help="folder with images/, labels.csv, masks/")
     t.add_argument("--out", required=True, help="model directory (versions + CURRENT)")
     t.add_argument("--members", default=",".join(LITE_TRIO), help="comma-separated member names")
@@ -28,7 +36,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--image-size", default="224", help="N or WxH, e.g. 448x320")
     t.add_argument("--split", default="train")
     t.add_argument("--epochs", type=int, default=20)
-    t.add_argument("--batch-size", type=int, default=16)
+    t.add_argument(
+        "--batch-size",
+        type=int,
+        default=16,
+        help="global batch: under torchrun each process takes batch-size / WORLD_SIZE",
+    )
     t.add_argument("--lr", type=float, default=1e-3)
     t.add_argument("--dropout", type=float, default=0.5)
     t.add_argument("--mc-samples", type=int, default=30)
@@ -38,6 +51,19 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--patience", type=int, default=6)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    t.add_argument(
+        "--amp",
+        default=os.environ.get("AMP", "auto"),
+        choices=list(distributed.AMP_MODES),
+        help="mixed precision: auto = on for CUDA (bfloat16, else float16), off on CPU "
+        "(default: AMP or auto)",
+    )
+    t.add_argument(
+        "--no-augment",
+        dest="augment",
+        action="store_false",
+        help="no random flips, crops or colour jitter of training images",
+    )
     t.add_argument(
         "--train-masks",
         action="store_true",
@@ -70,6 +96,15 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    """Single-process, or one rank of a torchrun job (only rank 0 saves and prints)."""
+    distributed.init_from_env(args.device)
+    try:
+        return _train(args)
+    finally:
+        distributed.shutdown()
+
+
+def _train(args: argparse.Namespace) -> int:
     dataset = load_dataset(args.data)
     ens_cfg = EnsembleConfig(
         classes=list(dataset.classes),
@@ -93,8 +128,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         seed=args.seed,
         weights=args.weights,
         device=args.device,
+        amp=args.amp,
+        augment=args.augment,
     )
     ensemble, metrics = train_ensemble(dataset, ens_cfg, cfg, split=args.split)
+    if not distributed.is_main():
+        return 0  # rank 0 holds the same weights and saves them
     vid = ModelStore(args.out).save(ensemble, metrics, data=str(Path(args.data).resolve()))
     acc = metrics.get("val_accuracy", {})
     print(f"new version {vid} in {args.out}; validation accuracy {json.dumps(acc)}")

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from .cam import AnalyticCAM, cam_method, normalize_maps, resize_maps
+from .distributed import amp_settings, autocast
 from .masks import Threshold, binarize, intersect, remove_small_components
 from .members import Member, member_spec
 from .uncertainty import MEASURES, mc_dropout_probs, member_disagreement
@@ -134,6 +135,7 @@ class Ensemble:
         self.members = members
         self.config = config
         self.cam = self.cam_for(config)
+        self.amp = "auto"  # predict's default: autocast the backbones on CUDA (auto | on | off)
 
     @staticmethod
     def cam_for(config: EnsembleConfig) -> Any:
@@ -148,15 +150,30 @@ class Ensemble:
             m.to(device)
         return self
 
-    def predict(self, images: torch.Tensor, seed: int | None = None) -> EnsembleOutput:
-        """images: (B, 3, H, W) float in [0, 1] at the config's image size."""
+    def predict(
+        self, images: torch.Tensor, seed: int | None = None, amp: str | None = None
+    ) -> EnsembleOutput:
+        """images: (B, 3, H, W) float in [0, 1] at the config's image size.
+
+        ``amp`` (default ``self.amp``): auto | on | off. With autocast on (CUDA only) the
+        backbones run in bfloat16 (float16 where unsupported); the head, the MC-Dropout samples
+        and the CAMs are computed from their float32 feature maps. Nothing changes on CPU.
+        """
         cfg = self.config
         images = images.to(self.device)
+        enabled, dtype = amp_settings(self.amp if amp is None else amp, images.device)
+
+        def feature_map(member: Member, x: torch.Tensor) -> torch.Tensor:
+            if not enabled:
+                return member.feature_map(x)
+            with autocast(x.device, enabled, dtype):
+                return member.feature_map(x).float()
+
         mc, cams, embeddings = [], [], []
         for i, member in enumerate(self.members):
             member.eval()
             with torch.no_grad():
-                features = member.feature_map(images)
+                features = feature_map(member, images)
                 pooled = features.mean(dim=(2, 3))
                 embeddings.append(torch.nn.functional.normalize(pooled.float(), dim=1).cpu())
                 s = None if seed is None else seed + i
@@ -165,13 +182,13 @@ class Ensemble:
                     fg = member.localize(features)
                     if cfg.tta_flip:
                         fg = (
-                            fg + member.localize(member.feature_map(images.flip(-1))).flip(-1)
+                            fg + member.localize(feature_map(member, images.flip(-1))).flip(-1)
                         ) / 2
                     maps = normalize_maps(fg.expand(-1, len(cfg.classes), -1, -1))
                 elif isinstance(self.cam, AnalyticCAM):
                     maps = normalize_maps(self.cam.from_features(features, member.head.weight))
                     if cfg.tta_flip:
-                        mirrored = member.feature_map(images.flip(-1))
+                        mirrored = feature_map(member, images.flip(-1))
                         raw_m = self.cam.from_features(mirrored, member.head.weight).flip(-1)
                         maps = normalize_maps(maps + normalize_maps(raw_m))
             if cfg.map_source == "cam" and not isinstance(self.cam, AnalyticCAM):

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import distributed
 from .cam import XGradCAM, normalize_maps, resize_maps
 from .data import (
     Dataset,
@@ -85,13 +86,20 @@ class TrainConfig:
     minmax: bool = False
     minmax_weight: float = 1.0
     minmax_area: tuple[float, float] = (0.1, 0.9)
+    augment: bool = True  # random flips, crops and colour jitter of training images
+    # Mixed precision: "auto" (on for CUDA: bfloat16, or float16 with loss scaling where the
+    # GPU has no bfloat16), "on" (CUDA only), "off". Nothing changes on CPU.
+    amp: str = "auto"
 
 
 def resolve_device(name: str) -> torch.device:
+    """auto: CUDA when available. Under torchrun with CUDA: this process's GPU, LOCAL_RANK."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device 'cuda' requested but no CUDA device is available")
+    if name == "cuda" and distributed.is_distributed():
+        return torch.device("cuda", distributed.local_rank())
     return torch.device(name)
 
 
@@ -151,13 +159,19 @@ def _step_loss(
     cfg: TrainConfig,
     cam: Any,
     mask_class: torch.Tensor,
+    share: tuple[float, float, float] = (1.0, 1.0, 1.0),
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The joint loss of one batch; returns (loss, logits)."""
+    """The joint loss of one batch; returns (loss, logits).
+
+    ``share``: factors of the terms that are means over all, over the labelled, and over the
+    min-max images of the batch (``_shares``; 1 single-process). Pixel losses run outside
+    autocast: binary cross-entropy is unsafe in half precision.
+    """
     features = member.feature_map(x)
     logits = member.logits_from_pooled(features.mean(dim=(2, 3)))
     labelled = y >= 0
     loss = (
-        nn.functional.cross_entropy(logits[labelled], y[labelled])
+        nn.functional.cross_entropy(logits[labelled], y[labelled]) * share[1]
         if labelled.any()
         else logits.sum() * 0.0
     )
@@ -165,14 +179,30 @@ def _step_loss(
     if target is not None and bool((kind != NO_TARGET).any()):
         # Unlabelled images are supervised on the map of the class the model predicts.
         cls = torch.where(labelled, y, logits.argmax(1))
-        loss = loss + pixel_loss(class_map(member, features, cls, cam), target, kind, weights)
+        with distributed.full_precision(x.device):
+            maps = class_map(member, features.float(), cls, cam)
+            loss = loss + pixel_loss(maps, target, kind, weights) * share[0]
     if cfg.minmax and member.localizer is not None:
         wanted = torch.where(labelled & mask_class[y.clamp_min(0)], y, torch.full_like(y, -1))
         mm, soft = minmax_entropy_loss(member, x, wanted, features, tuple(cfg.minmax_area))
-        loss = loss + cfg.minmax_weight * mm
+        loss = loss + cfg.minmax_weight * mm * share[2]
         if target is not None:  # the localizer also learns from the human and pseudo masks
-            loss = loss + pixel_loss(soft[:, 0], target, kind, weights)
+            with distributed.full_precision(x.device):
+                loss = loss + pixel_loss(soft[:, 0].float(), target, kind, weights) * share[0]
     return loss, logits
+
+
+def _shares(y: torch.Tensor, mask_class: torch.Tensor) -> tuple[float, float, float]:
+    """Under torchrun, each rank's loss terms are means over its share of the global batch;
+    scaled by world * local count / global count, their gradients averaged over ranks are those
+    of the single-process means over the global batch (distributed.mean_shares)."""
+    if not distributed.is_distributed():
+        return (1.0, 1.0, 1.0)
+    labelled = y >= 0
+    wanted = labelled & mask_class[y.clamp_min(0)]
+    counts = [len(y), int(labelled.sum()), int(wanted.sum())]
+    a, b, c = distributed.mean_shares(counts, y.device)
+    return (a, b, c)
 
 
 def train_member(
@@ -210,42 +240,61 @@ def train_member(
         weight_decay=cfg.weight_decay,
     )
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(cfg.epochs, 1))
-    sampler = torch.utils.data.WeightedRandomSampler(
-        class_balanced_weights(train_ds.labels), num_samples=len(train_ds), replacement=True
-    )
-    loader = torch.utils.data.DataLoader(
+    # Under torchrun: the same draw on every rank, each rank loading its share of each batch.
+    loader = distributed.global_batch_loader(
         train_ds,
-        batch_size=cfg.batch_size,
-        sampler=sampler,
+        class_balanced_weights(train_ds.labels),
+        cfg.batch_size,
         drop_last=len(train_ds) > cfg.batch_size,
     )
+    distributed.broadcast_module(member)  # every rank starts from rank 0's weights
+    if distributed.is_distributed() and cfg.minmax and not freeze_bn:
+        log.warning("min-max training under torchrun: BatchNorm statistics stay per-rank")
+    unsync_bn = distributed.sync_batchnorm(member, enabled=not freeze_bn and not cfg.minmax)
+    amp, amp_dtype = distributed.amp_settings(cfg.amp, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp and amp_dtype == torch.float16)
     best = (math.inf, -1.0)
     best_state = copy.deepcopy(member.state_dict())
     history = []
     stale, best_epoch = 0, 0
-    bar = tqdm(range(cfg.epochs), desc=member.name, disable=not cfg.progress, leave=True)
+    quiet = not cfg.progress or not distributed.is_main()
+    bar = tqdm(range(cfg.epochs), desc=member.name, disable=quiet, leave=True)
     for epoch in bar:
         _set_train_mode(member, freeze_bn)
         total, correct, seen, labelled = 0.0, 0, 0, 0
         for batch in loader:
             x, y, target, kind = _batch(batch, device)
-            loss, logits = _step_loss(member, x, y, target, kind, cfg, cam, mask_class)
+            share = _shares(y, mask_class)
+            with distributed.autocast(device, amp, amp_dtype):
+                loss, logits = _step_loss(member, x, y, target, kind, cfg, cam, mask_class, share)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total += float(loss.detach()) * len(y)
+            scaler.scale(loss).backward()
+            distributed.average_gradients(member.parameters())
+            scaler.step(opt)
+            scaler.update()
+            total += float(loss.detach()) * len(y) / share[0]
             correct += int(((logits.argmax(1) == y) & (y >= 0)).sum())
             seen += len(y)
             labelled += int((y >= 0).sum())
         sched.step()
+        total, correct, seen, labelled = distributed.all_reduce_sum(
+            [total, correct, seen, labelled], device
+        )
+        distributed.broadcast_module(member)  # keeps ranks bit-identical (e.g. per-rank BN)
         row = {"epoch": epoch + 1, "loss": total / seen, "acc": correct / max(labelled, 1)}
-        if val_ds is not None and len(val_ds):
-            row["val_loss"], row["val_acc"] = _evaluate_loss(member, val_ds, device, cfg.batch_size)
+        if distributed.is_main():  # one rank validates; all take its numbers and decisions
+            if val_ds is not None and len(val_ds):
+                row["val_loss"], row["val_acc"] = _evaluate_loss(
+                    member, val_ds, device, cfg.batch_size
+                )
+            if select == "localization" and calib:
+                row["val_pxap"] = _localization_score(member, calib, device)
+        row = distributed.broadcast_object(row)
+        if "val_loss" in row:
             key = (row["val_loss"], -row["val_acc"])
         else:
             key = (row["loss"], -row["acc"])
-        if select == "localization" and calib:
-            row["val_pxap"] = _localization_score(member, calib, device)
+        if "val_pxap" in row:
             key = (-row["val_pxap"], *key)
         if select == "last":
             key = (-float(epoch),)
@@ -259,6 +308,7 @@ def train_member(
             if stale >= cfg.patience:
                 log.info("%s: early stop at epoch %d", member.name, epoch + 1)
                 break
+    unsync_bn()
     member.load_state_dict(best_state)
     member.eval()
     return {"history": history, "best_epoch": best_epoch, "select": select}
@@ -430,6 +480,8 @@ def train_ensemble(
         raise ValueError("minmax training needs EnsembleConfig(localizer=True)")
     if cfg.select not in ("auto", "loss", "localization", "last"):
         raise ValueError(f"select must be auto, loss, localization or last, not {cfg.select!r}")
+    distributed.amp_settings(cfg.amp, resolve_device(cfg.device))  # validates the mode
+    distributed.check_batch_size(cfg.batch_size)
     fine_tune = compatible(init, ens_cfg)
     samples = dataset.split(split)
     val_named = [s for s in dataset.samples if s.split in ("val", "valid", "validation")]
@@ -442,7 +494,7 @@ def train_ensemble(
     if len({s.label for s in train_s if s.label}) < 2:
         raise DatasetError("training needs labelled images of at least two classes")
     size = tuple(ens_cfg.image_size)
-    train_ds, pixel_counts = _pixel_train_set(train_s, ens_cfg, cfg, init)
+    train_ds, pixel_counts = _pixel_train_set(train_s, ens_cfg, cfg, init, cfg.augment)
     val_ds = ImageDataset(held, ens_cfg.classes, size)
     calib = _calibration_samples(held, cfg.calibration_images, ens_cfg.mask_classes)
     calib_set = None
@@ -467,9 +519,11 @@ def train_ensemble(
         )
         members.append(member)
     ensemble = Ensemble(members, ens_cfg)
-    measured = calibrate(ensemble, val_ds, calib, cfg)
+    # Under torchrun only rank 0 calibrates: the others' ensembles are never saved.
+    measured = calibrate(ensemble, val_ds, calib, cfg) if distributed.is_main() else {}
     metrics = {
         "fine_tuned": fine_tune,
+        "world_size": distributed.world_size(),
         "train_images": len(train_s),
         "val_images": len(held),
         "held_out": [s.name for s in held],

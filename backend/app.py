@@ -61,7 +61,13 @@ def create_app(settings: Settings | None = None, queue: TrainingQueue | None = N
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_mb * 1024 * 1024
     holder = ModelHolder(settings)
     fetcher = ImageFetcher(settings)
-    queue = queue or TrainingQueue(settings)
+    queue_error = None
+    if queue is None:
+        try:
+            queue = TrainingQueue(settings)
+        except Exception as exc:  # e.g. a read-only MODEL_DIR on a predict-only replica
+            queue_error = f"training queue unavailable in {settings.model_dir}: {exc}"
+            log.error("%s; /webhook will answer 503, predictions are served", queue_error)
     app.config["camlabel"] = {
         "settings": settings,
         "holder": holder,
@@ -110,8 +116,9 @@ def create_app(settings: Settings | None = None, queue: TrainingQueue | None = N
             model_version=version or UNTRAINED,
             trained=version is not None,
             load_error=holder.last_error,
-            jobs=queue.log.read(),
-            queue_pending=queue.huey.pending_count(),
+            jobs=queue.log.read() if queue else {},
+            queue_pending=queue.huey.pending_count() if queue else None,
+            queue_error=queue_error,
         )
 
     @app.post("/setup")
@@ -142,7 +149,7 @@ def create_app(settings: Settings | None = None, queue: TrainingQueue | None = N
         return jsonify(results=results, model_version=model.model_version)
 
     @app.post("/webhook")
-    def webhook() -> Response:
+    def webhook() -> Response | tuple[Response, int]:
         data = body()
         action = data.get("action")
         if not isinstance(action, str):
@@ -155,6 +162,8 @@ def create_app(settings: Settings | None = None, queue: TrainingQueue | None = N
             pid = int(pid)
         if not isinstance(pid, int) or isinstance(pid, bool) or not 0 < pid < 2**63:
             raise BadRequest(f"{action} webhook without a valid project id")
+        if queue is None:
+            return jsonify(error=queue_error), 503
         model = CamLabelModel(holder, fetcher, settings, "", str(pid))
         return jsonify(status=model.fit(action, {**data, "project": {**project, "id": pid}}, queue),
                        action=action)  # fmt: skip

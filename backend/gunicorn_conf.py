@@ -1,6 +1,7 @@
 """gunicorn hooks: the training worker lives and dies with the gunicorn master.
 
-The master also supervises it: a trainer that dies (kill -9, out of memory) is started again,
+TRAINER=0 starts none (a predict-only replica; exactly one replica per MODEL_DIR trains). The
+master also supervises it: a trainer that dies (kill -9, out of memory) is started again,
 with a growing pause, and the new one requeues the job it was running (TrainingQueue.recover).
 """
 
@@ -35,6 +36,9 @@ def _supervise(server) -> None:
 
 
 def when_ready(server) -> None:
+    if os.environ.get("TRAINER", "1").strip().lower() in ("0", "false", "no", "off"):
+        server.log.info("no training worker here (TRAINER=0): a predict-only replica")
+        return
     server.camlabel_stopping = threading.Event()
     server.camlabel_trainer = _start_trainer(server)
     threading.Thread(target=_supervise, args=(server,), daemon=True).start()

@@ -32,9 +32,10 @@ class ModelHolder:
     def __init__(self, settings: Settings) -> None:
         self.store = ModelStore(settings.model_dir)
         self.device = resolve_device(settings.device)
+        self.amp = settings.amp
         self._lock = threading.Lock()
-        self._ensemble: Ensemble | None = None
-        self._version: str | None = None
+        # (ensemble, version) replaced as one tuple: a reader never sees a mixed pair.
+        self._loaded: tuple[Ensemble | None, str | None] = (None, None)
         self.last_error: str | None = None
         self._pinned = False
 
@@ -47,19 +48,20 @@ class ModelHolder:
 
     def get(self) -> tuple[Ensemble | None, str | None]:
         if self._pinned:
-            return self._ensemble, self._version
+            return self._loaded
         wanted = self.store.current_id()
-        if wanted and wanted != self._version:
+        if wanted and wanted != self._loaded[1]:
             with self._lock:
-                if wanted != self._version:
+                if wanted != self._loaded[1]:
                     try:
-                        self._ensemble = self.store.load(wanted, self.device)
-                        self._version, self.last_error = wanted, None
+                        ensemble = self.store.load(wanted, self.device)
+                        ensemble.amp = self.amp
+                        self._loaded, self.last_error = (ensemble, wanted), None
                         log.info("serving model version %s", wanted)
                     except VersionError as exc:  # keep serving the version we have
                         self.last_error = str(exc)
                         log.error("cannot load version %s: %s", wanted, exc)
-        return self._ensemble, self._version
+        return self._loaded
 
     def versions(self) -> list[str]:
         return self.store.version_ids()

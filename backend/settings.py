@@ -18,6 +18,7 @@ class Settings:
     basic_auth_user: str = ""  # BASIC_AUTH_USER / BASIC_AUTH_PASS: protect every route
     basic_auth_pass: str = field(default="", repr=False)
     device: str = "auto"  # DEVICE: auto | cpu | cuda
+    amp: str = "auto"  # AMP: auto (bfloat16/float16 autocast of the backbones on CUDA) | on | off
     predict_batch: int = 8  # PREDICT_BATCH: images per forward pass (bounds memory)
     fetch_timeout: float = 15.0  # FETCH_TIMEOUT: seconds per image download
     max_download_mb: int = 64  # MAX_DOWNLOAD_MB: larger responses are refused
@@ -46,6 +47,7 @@ class Settings:
             basic_auth_user=_env("BASIC_AUTH_USER"),
             basic_auth_pass=_env("BASIC_AUTH_PASS"),
             device=_env("DEVICE", cls.device),
+            amp=_env("AMP", cls.amp),
             predict_batch=int(_env("PREDICT_BATCH", str(cls.predict_batch))),
             fetch_timeout=float(_env("FETCH_TIMEOUT", str(cls.fetch_timeout))),
             max_download_mb=int(_env("MAX_DOWNLOAD_MB", str(cls.max_download_mb))),

@@ -100,3 +100,31 @@ def test_a_pinned_holder_keeps_its_version_when_current_moves(tmp_path):
     second = store.save(Ensemble([build_member("tiny", 2)], cfg), {})
     assert live.get()[1] == second
     assert pinned.get()[1] == first
+
+
+def test_a_replica_without_a_usable_queue_still_serves_predictions(tmp_path):
+    import base64
+    import io
+    from pathlib import Path
+
+    from PIL import Image
+
+    from wsl_models.ensemble import Ensemble, EnsembleConfig
+    from wsl_models.members import build_member
+
+    cfg = EnsembleConfig(classes=["finding", "normal"], members=["tiny"], image_size=(64, 64))
+    version = ModelStore(tmp_path).save(Ensemble([build_member("tiny", 2)], cfg), {})
+    (tmp_path / "queue.db").mkdir()  # the queue file cannot be opened (as on a read-only mount)
+    client = create_app(Settings(model_dir=str(tmp_path))).test_client()
+    health = client.get("/health").get_json()
+    assert health["model_version"] == version and "queue unavailable" in health["queue_error"]
+    hook = client.post("/webhook", json={"action": "START_TRAINING", "project": {"id": 1}})
+    assert hook.status_code == 503 and "queue unavailable" in hook.get_json()["error"]
+    buf = io.BytesIO()
+    Image.new("RGB", (80, 60), (120, 30, 90)).save(buf, format="PNG")
+    uri = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    config = (Path(__file__).parents[1] / "label_config" / "finding_normal.xml").read_text()
+    r = client.post("/predict", json={"tasks": [{"id": 1, "data": {"image": uri}}],
+                                      "label_config": config})  # fmt: skip
+    assert r.status_code == 200 and r.get_json()["model_version"] == version
+    assert r.get_json()["results"][0]["result"]

@@ -6,13 +6,11 @@ DATA ?= ../shared/data/glas
 MODEL_DIR ?= models
 ARGS ?=
 
-.PHONY: setup labelstudio run serve test lint bench clean
+.PHONY: setup labelstudio run serve demo test lint bench clean
 
-$(VENV)/.installed: pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install -q -e '.[dev]'
+# The one install script, shared with the Dockerfile (tests/test_deploy.py checks both use it).
+$(VENV)/.installed: pyproject.toml scripts/install.sh
+	PYTHON=$(PYTHON) scripts/install.sh --editable $(VENV) dev
 	touch $@
 
 setup: $(VENV)/.installed
@@ -43,9 +41,15 @@ _run:
 serve: setup
 	MODEL_DIR=$(MODEL_DIR) $(VENV)/bin/camlabel serve
 
+# The whole loop in a browser: Label Studio + the backend on loopback, a synthetic project,
+# training, pre-annotations; prints the URLs and login, runs until Ctrl-C (docs/demo.md).
+demo: setup labelstudio
+	$(VENV)/bin/camlabel demo $(ARGS)
+
 lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/hadolint Dockerfile
 
 test: setup labelstudio lint
 	$(VENV)/bin/pytest -q

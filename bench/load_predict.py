@@ -32,7 +32,6 @@ import functools
 import http.server
 import json
 import os
-import platform
 import shutil
 import signal
 import socket
@@ -45,10 +44,10 @@ from pathlib import Path
 
 import numpy as np
 import requests
-import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import loadavg, machine, rss_mb  # noqa: E402
 from speed import make_ensemble  # noqa: E402
 
 from wsl_models.images import parse_size  # noqa: E402
@@ -62,39 +61,6 @@ FLAT_PCT = 5.0
 
 
 # ------------------------------------------------------------------------------------ helpers
-def machine() -> dict:
-    model = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        ),
-        platform.processor(),
-    )
-    return {
-        "cpu_count": os.cpu_count(),
-        "cpu_model": model,
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "cuda": torch.cuda.is_available(),
-        "python": platform.python_version(),
-    }
-
-
-def loadavg() -> list[float]:
-    return [float(v) for v in Path("/proc/loadavg").read_text().split()[:3]]
-
-
-def rss_mb(pid: int) -> float | None:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
-
-
 def pss_mb(pid: int) -> float | None:
     """Proportional set size: shared library pages divided among the processes mapping them
     (RSS counts them in full in every process, so RSS summed over processes overstates)."""

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -38,78 +37,29 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from common import cpu_s, loadavg, machine, rss_mb  # noqa: E402
+from speed import make_ensemble  # noqa: E402
 
 from backend import fetch as fetch_module  # noqa: E402
+from backend.local_label_studio import LabelStudio, free_port, wait_http  # noqa: E402
 from backend.ls_api import LabelStudioAPI  # noqa: E402
 from backend.ranking import SAMPLING, rank_project  # noqa: E402
 from backend.settings import Settings  # noqa: E402
-from tests.ls_harness import LabelStudio, free_port, wait_http  # noqa: E402
-from wsl_models.ensemble import Ensemble, EnsembleConfig  # noqa: E402
 from wsl_models.images import parse_size  # noqa: E402
-from wsl_models.members import build_member  # noqa: E402
 from wsl_models.synthetic import blob_image  # noqa: E402
 from wsl_models.versions import ModelStore  # noqa: E402
 
 CONFIG = (ROOT / "label_config" / "finding_normal.xml").read_text()
 CLASSES = ["finding", "normal"]  # the project's Choices, so predictions carry a choice
-TICK = os.sysconf("SC_CLK_TCK")
 
 
 # ------------------------------------------------------------------------------------ helpers
-def machine() -> dict:
-    model = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        ),
-        platform.processor(),
-    )
-    return {
-        "cpu_count": os.cpu_count(),
-        "cpu_model": model,
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "cuda": torch.cuda.is_available(),
-        "python": platform.python_version(),
-    }
-
-
-def loadavg() -> list[float]:
-    return [float(v) for v in Path("/proc/loadavg").read_text().split()[:3]]
-
-
-def rss_mb(pid: int | str = "self") -> float | None:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
-
-
-def cpu_s(pid: int) -> float:
-    """User + system CPU seconds of a process (from /proc/<pid>/stat)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICK
-
-
-def make_ensemble(members: list[str], size: tuple[int, int], samples: int) -> Ensemble:
-    """Random weights (as bench/speed.py), with the project's classes."""
-    torch.manual_seed(0)
-    built = [build_member(m, len(CLASSES), "none", dropout=0.5) for m in members]
-    for member in built:  # realistic activations: fresh BatchNorm statistics zero many of them
-        for mod in member.modules():
-            if isinstance(mod, torch.nn.BatchNorm2d):
-                mod.running_mean.uniform_(-0.2, 0.2)
-                mod.running_var.uniform_(0.5, 1.5)
-    return Ensemble(built, EnsembleConfig(CLASSES, members, size, mc_samples=samples))
 
 
 def make_images(folder: Path, count: int, px: int) -> None:
@@ -274,7 +224,7 @@ def main() -> int:
         host = f"127.0.0.1:{port}"
         wait_http(f"http://{host}/img/00000.png", 60, images)
         model_dir = work / "models"
-        ModelStore(str(model_dir)).save(make_ensemble(members, size, args.mc_samples), {})
+        ModelStore(str(model_dir)).save(make_ensemble(members, size, args.mc_samples, CLASSES), {})
         phases["images_and_model_s"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()

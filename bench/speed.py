@@ -34,15 +34,19 @@ from wsl_models.members import LITE_TRIO, PAPER_TRIO, build_member
 CLASSES = ["benign", "malignant"]
 
 
-def make_ensemble(members: list[str], size: tuple[int, int], samples: int) -> Ensemble:
+def make_ensemble(
+    members: list[str], size: tuple[int, int], samples: int, classes: list[str] | None = None
+) -> Ensemble:
+    """Random weights: speed does not depend on them."""
+    classes = classes or CLASSES
     torch.manual_seed(0)
-    built = [build_member(m, len(CLASSES), "none", dropout=0.5) for m in members]
+    built = [build_member(m, len(classes), "none", dropout=0.5) for m in members]
     for member in built:  # realistic activations: fresh BatchNorm statistics zero many of them
         for mod in member.modules():
             if isinstance(mod, torch.nn.BatchNorm2d):
                 mod.running_mean.uniform_(-0.2, 0.2)
                 mod.running_var.uniform_(0.5, 1.5)
-    cfg = EnsembleConfig(CLASSES, members, size, mc_samples=samples)
+    cfg = EnsembleConfig(classes, members, size, mc_samples=samples)
     return Ensemble(built, cfg)
 
 

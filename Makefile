@@ -55,9 +55,11 @@ test: setup labelstudio lint
 	$(VENV)/bin/pytest -q
 
 # Benchmarks (slow; results in bench/results/). GlaS needs DATA; a GPU is used when present.
-bench: setup
+bench: setup labelstudio
 	$(PY) bench/localization.py --data $(DATA) --out bench/results/localization
 	$(PY) bench/speed.py --out bench/results/speed.json
+	$(PY) bench/load_predict.py --out bench/results/load_predict.json
+	$(PY) bench/rank_throughput.py --tasks 10000 --out bench/results/rank_throughput.json
 	$(PY) bench/learning_curve.py --data $(DATA) \
 		--settings random,entropy,random+pseudo,bald,full,random+pseudo+minmax --rounds 4 --k 8
 

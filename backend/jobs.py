@@ -197,6 +197,8 @@ def train_from_project(
             localizer=train.minmax,
         )
         cfg = TrainConfig(
+            device=settings.device,  # DEVICE=cpu keeps training off a GPU too
+            amp=settings.amp,
             epochs=train.epochs,
             lr=train.lr,
             weights=train.weights,

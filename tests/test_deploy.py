@@ -9,6 +9,7 @@ checked for its wiring, hadolint for the Dockerfile's lint.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import json
 import os
@@ -386,4 +387,28 @@ def test_start_command_serves_health_and_stops_without_leftovers(tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=30)
         for pid in _alive(snapshot):
-            os.kill(pid, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
+def test_the_leftover_check_sees_an_orphan():
+    """The check above is not vacuous: a child that outlives its killed parent is reported."""
+    parent = subprocess.Popen(["bash", "-c", "sleep 60 & wait"], start_new_session=True)
+    try:
+        deadline = time.time() + 10
+        snapshot = _descendants(parent.pid)
+        while not snapshot and time.time() < deadline:
+            time.sleep(0.1)
+            snapshot = _descendants(parent.pid)
+        assert any("sleep 60" in cmd for _, cmd in snapshot.values()), snapshot
+        parent.kill()
+        parent.wait(timeout=10)
+        assert list(_alive(snapshot).values()) == [next(iter(snapshot.values()))[1]]
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(parent.pid, signal.SIGKILL)  # the orphan is still in the group
+    deadline = time.time() + 10
+    while _alive(snapshot) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not _alive(snapshot)

@@ -19,7 +19,7 @@ from .fetch import ImageFetcher
 from .jobs import TrainingQueue
 from .label_config import LabelConfigError
 from .model import UNTRAINED, CamLabelModel, ModelHolder
-from .settings import Settings
+from .settings import WEBHOOK_SECRET_HEADER, Settings
 
 log = logging.getLogger("camlabel.backend")
 
@@ -29,9 +29,6 @@ TRAINING_EVENTS = {
     "ANNOTATIONS_DELETED",
     "START_TRAINING",
 }
-
-
-WEBHOOK_SECRET_HEADER = "X-Camlabel-Webhook-Secret"
 
 
 class BadRequest(ValueError):

@@ -9,9 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .app import WEBHOOK_SECRET_HEADER
 from .ls_api import LabelStudioAPI, TrainingError
-from .settings import Settings
+from .settings import WEBHOOK_SECRET_HEADER, Settings
 
 SSRF_HINT = (
     "Label Studio refuses backends on loopback or private networks by default: start it with "

@@ -5,6 +5,9 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
+# The header Label Studio's webhook carries the shared secret in (WEBHOOK_SECRET).
+WEBHOOK_SECRET_HEADER = "X-Camlabel-Webhook-Secret"
+
 
 def _env(name: str, default: str = "") -> str:
     return os.environ.get(name, default).strip()

@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from backend.app import WEBHOOK_SECRET_HEADER, create_app
+from backend.app import create_app
 from backend.fetch import FetchError, ImageFetcher
-from backend.settings import Settings
+from backend.settings import WEBHOOK_SECRET_HEADER, Settings
 from backend.url_policy import UrlPolicy, UrlRefused, is_public_address, resolve_host
 
 

@@ -54,6 +54,8 @@ class TrainingSettings:
     pseudo_fg: float = 0.7  # TRAIN_PSEUDO_FG / TRAIN_PSEUDO_BG: consensus-map thresholds
     pseudo_bg: float = 0.3
     minmax: bool = False  # TRAIN_MINMAX=1: train the min-max entropy localizer as mask head
+    decoder: bool = True  # TRAIN_DECODER=0: no full-resolution decoder (masks from CAMs)
+    decoder_epochs: int = 60  # TRAIN_DECODER_EPOCHS
     unlabelled: int = 50  # TRAIN_UNLABELLED: unannotated tasks used through pseudo-masks
     tolerance: float = 2.0  # PROMOTE_TOLERANCE: points a new version may lose and still win
 
@@ -71,6 +73,8 @@ class TrainingSettings:
             pseudo_fg=float(e("TRAIN_PSEUDO_FG", str(cls.pseudo_fg))),
             pseudo_bg=float(e("TRAIN_PSEUDO_BG", str(cls.pseudo_bg))),
             minmax=e("TRAIN_MINMAX", "0").strip().lower() in ("1", "true", "yes", "on"),
+            decoder=e("TRAIN_DECODER", "1").strip().lower() in ("1", "true", "yes", "on"),
+            decoder_epochs=int(e("TRAIN_DECODER_EPOCHS", str(cls.decoder_epochs))),
             unlabelled=int(e("TRAIN_UNLABELLED", str(cls.unlabelled))),
             tolerance=float(e("PROMOTE_TOLERANCE", str(cls.tolerance))),
         )
@@ -195,6 +199,8 @@ def train_from_project(
             image_size=parse_size(train.image_size),
             mask_classes=masked,
             localizer=train.minmax,
+            decoder=train.decoder,
+            map_source="decoder" if train.decoder else "cam",
         )
         cfg = TrainConfig(
             device=settings.device,  # DEVICE=cpu keeps training off a GPU too
@@ -209,6 +215,7 @@ def train_from_project(
             pseudo_fg=train.pseudo_fg,
             pseudo_bg=train.pseudo_bg,
             minmax=train.minmax,
+            decoder_epochs=train.decoder_epochs,
         )
         ensemble, metrics = train_ensemble(dataset, ens_cfg, cfg, init=previous)
         metrics["fine_tuned_from"] = current if metrics["fine_tuned"] else None

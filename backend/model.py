@@ -33,6 +33,7 @@ class ModelHolder:
         self.store = ModelStore(settings.model_dir)
         self.device = resolve_device(settings.device)
         self.amp = settings.amp
+        self.map_source = settings.map_source
         self._lock = threading.Lock()
         # (ensemble, version) replaced as one tuple: a reader never sees a mixed pair.
         self._loaded: tuple[Ensemble | None, str | None] = (None, None)
@@ -56,12 +57,24 @@ class ModelHolder:
                     try:
                         ensemble = self.store.load(wanted, self.device)
                         ensemble.amp = self.amp
+                        self._apply_map_source(ensemble, wanted)
                         self._loaded, self.last_error = (ensemble, wanted), None
                         log.info("serving model version %s", wanted)
                     except VersionError as exc:  # keep serving the version we have
                         self.last_error = str(exc)
                         log.error("cannot load version %s: %s", wanted, exc)
         return self._loaded
+
+    def _apply_map_source(self, ensemble: Ensemble, version: str) -> None:
+        """MAP_SOURCE overrides the version's own source where the version has it."""
+        if not self.map_source:
+            return
+        if self.map_source in ensemble.config.sources:
+            ensemble.config.map_source = self.map_source
+        else:
+            log.warning("version %s has no %r maps (it has %s): serving its own %r",
+                        version, self.map_source, ensemble.config.sources,
+                        ensemble.config.map_source)  # fmt: skip
 
     def versions(self) -> list[str]:
         return self.store.version_ids()

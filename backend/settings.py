@@ -40,6 +40,10 @@ class Settings:
     acquisition: str = "entropy"
     # RANK_DIVERSITY: size of the first query batch made diverse after each ranking (0: off).
     rank_diversity: int = 0
+    # MAP_SOURCE: cam | localizer | decoder: where pre-annotation masks come from. Empty: each
+    # version's own (decoder for versions trained with one, else cam). A source a version
+    # lacks is ignored for that version (logged).
+    map_source: str = ""
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -61,4 +65,5 @@ class Settings:
             label_map=_env("LABEL_MAP"),
             acquisition=_env("ACQUISITION", cls.acquisition),
             rank_diversity=int(_env("RANK_DIVERSITY", str(cls.rank_diversity))),
+            map_source=_env("MAP_SOURCE").lower(),
         )

@@ -56,27 +56,21 @@ def reveal(ds: Dataset, revealed: set[str]) -> Dataset:
     return Dataset(ds.root, ds.classes, samples)
 
 
-def measure(ens: Ensemble, ds: Dataset) -> dict[str, float]:
+def measure_all(ens: Ensemble, ds: Dataset) -> dict[str, dict[str, float]]:
+    """Accuracy, PxAP and Dice fg/bg of every map source the model has (cam, localizer,
+    decoder): the consensus of the members, or the member's own map for a single member."""
     r = evaluate(ens, ds, "test", progress=False)
     key = "intersection" if len(ens.members) > 1 else ens.config.member_keys[0]
-    loc = r["localization"][key]
     return {
-        "accuracy": r["accuracy"]["ensemble"],
-        "pxap": loc["pxap"],
-        "dice_fg": loc["dice_fg"],
-        "dice_bg": loc["dice_bg"],
+        src: {
+            "accuracy": r["accuracy"]["ensemble"],
+            "pxap": rows[key]["pxap"],
+            "dice_fg": rows[key]["dice_fg"],
+            "dice_bg": rows[key]["dice_bg"],
+        }
+        for src, rows in r["by_source"].items()
+        if src != "baselines"
     }
-
-
-def measure_all(ens: Ensemble, ds: Dataset) -> dict[str, dict[str, float]]:
-    out = {"cam": measure(ens, ds)}
-    if ens.config.localizer:
-        ens.config.map_source = "localizer"
-        try:
-            out["localizer"] = measure(ens, ds)
-        finally:
-            ens.config.map_source = "cam"
-    return out
 
 
 def _train_config(args: argparse.Namespace, epochs: int, **options: object) -> TrainConfig:
@@ -131,6 +125,11 @@ def run_setting(setting: str, ds: Dataset, base: Ensemble, args: argparse.Namesp
         log.info("%s round %d: %s", setting, r, {k: v for k, v in row.items() if k != "picked"})
     dice = [row["cam"]["dice_fg"] for row in rounds]
     result = {"setting": setting, "rounds": rounds, "dice_auc": float(np.mean(dice))}
+    if base.config.decoder:
+        result["dice_auc_decoder"] = float(np.mean([row["decoder"]["dice_fg"] for row in rounds]))
+        result["dice_bg_auc_decoder"] = float(
+            np.mean([row["decoder"]["dice_bg"] for row in rounds])
+        )
     if base.config.localizer:
         result["dice_auc_localizer"] = float(
             np.mean([row["localizer"]["dice_fg"] for row in rounds])
@@ -144,6 +143,8 @@ def train_base(ds: Dataset, args: argparse.Namespace, minmax: bool) -> Ensemble:
         members=args.members.split(","),
         image_size=parse_size(args.size),
         localizer=minmax,
+        decoder=args.decoder,
+        map_source="decoder" if args.decoder else "cam",
     )
     tcfg = _train_config(args, args.init_epochs, minmax=minmax)
     t0 = time.perf_counter()
@@ -169,14 +170,15 @@ def plot(results: list[dict], path: Path) -> None:
             ax.plot(
                 masks, [row["cam"][key] for row in res["rounds"]], marker="o", label=res["setting"]
             )
-            if "localizer" in res["rounds"][0]:
-                ax.plot(
-                    masks,
-                    [row["localizer"][key] for row in res["rounds"]],
-                    marker="x",
-                    linestyle="--",
-                    label=res["setting"] + " (localizer map)",
-                )
+            for src, style in (("localizer", "--"), ("decoder", ":")):
+                if src in res["rounds"][0]:
+                    ax.plot(
+                        masks,
+                        [row[src][key] for row in res["rounds"]],
+                        marker="x",
+                        linestyle=style,
+                        label=f"{res['setting']} ({src} map)",
+                    )
     for ax, title in zip(
         axes, ("foreground Dice (testA+testB)", "PxAP (testA+testB)"), strict=True
     ):
@@ -195,17 +197,21 @@ def summary(results: list[dict], args: argparse.Namespace) -> str:
         f"{args.round_epochs} epochs/round, mask weight {args.mask_weight}, pseudo weight "
         f"{args.pseudo_weight}, seed {args.seed}.",
         "",
-        "| setting | Dice-AUC (CAM) | Dice-AUC (localizer) | round 0 Dice / PxAP | last round Dice / PxAP | masks |",
+        "| setting | map | Dice-AUC | round 0 Dice fg / bg / PxAP | last round Dice fg / bg / PxAP | masks |",
         "|---|---|---|---|---|---|",
     ]
     for res in results:
-        first, last = res["rounds"][0]["cam"], res["rounds"][-1]["cam"]
-        loc = res.get("dice_auc_localizer")
-        lines.append(
-            f"| {res['setting']} | {res['dice_auc']:.1f} | {'' if loc is None else f'{loc:.1f}'} "
-            f"| {first['dice_fg']:.1f} / {first['pxap']:.1f} | {last['dice_fg']:.1f} / "
-            f"{last['pxap']:.1f} | {res['rounds'][-1]['masks']} |"
-        )
+        for src in res["rounds"][0]:
+            if not isinstance(res["rounds"][0][src], dict):
+                continue
+            first, last = res["rounds"][0][src], res["rounds"][-1][src]
+            auc = np.mean([row[src]["dice_fg"] for row in res["rounds"]])
+            lines.append(
+                f"| {res['setting']} | {src} | {auc:.1f} "
+                f"| {first['dice_fg']:.1f} / {first['dice_bg']:.1f} / {first['pxap']:.1f} "
+                f"| {last['dice_fg']:.1f} / {last['dice_bg']:.1f} / {last['pxap']:.1f} "
+                f"| {res['rounds'][-1]['masks']} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -223,6 +229,7 @@ def main() -> None:
     p.add_argument("--mask-weight", type=float, default=1.0)
     p.add_argument("--pseudo-weight", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-decoder", dest="decoder", action="store_false")
     p.add_argument("--out", default=str(OUT))
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")

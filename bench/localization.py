@@ -42,6 +42,8 @@ def run_config(spec: str, args: argparse.Namespace) -> dict:
         image_size=parse_size(size),
         output_stride=output_stride,
         cam_method=args.cam,
+        decoder=args.decoder,
+        map_source="decoder" if args.decoder else "cam",
     )
     tcfg = TrainConfig(
         epochs=args.epochs,
@@ -52,6 +54,7 @@ def run_config(spec: str, args: argparse.Namespace) -> dict:
         weights=weights,
         device=args.device,
         select=args.select,
+        decoder_epochs=args.decoder_epochs,
     )
     t0 = time.perf_counter()
     ensemble, metrics = train_ensemble(dataset, cfg, tcfg)
@@ -60,7 +63,11 @@ def run_config(spec: str, args: argparse.Namespace) -> dict:
     store = ModelStore(Path(args.models or Path(args.out) / "models") / name)
     vid = store.save(ensemble, metrics)
     result = evaluate(ensemble, dataset, "test", batch_size=8, seed=args.seed)
+    survey = evaluate(ensemble, dataset, "test", batch_size=8, seed=args.seed, protocol="survey")
+    print(format_table(survey), flush=True)
     result.update(
+        survey=survey,
+        decoder_seconds=metrics.get("decoders", {}).get("seconds"),
         config=spec,
         weights=weights,
         version=vid,
@@ -95,16 +102,24 @@ def run_config(spec: str, args: argparse.Namespace) -> dict:
 
 def summary(results: list[dict]) -> str:
     rows = [
-        "| config | device | acc | source | PxAP | Dice fg | Dice bg | mIoU |",
-        "|---|---|---|---|---|---|---|---|",
+        "| config | device | acc | protocol | map | PxAP | Dice fg | Dice bg | mIoU |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
-        for src, loc in r["localization"].items():
-            rows.append(
-                f"| {r['config']} ({r['weights']}) | {r['device']} | {r['accuracy']['ensemble']:.1f} "
-                f"| {src} | {loc.get('pxap', float('nan')):.1f} | {loc['dice_fg']:.1f} "
-                f"| {loc['dice_bg']:.1f} | {loc['miou']:.1f} |"
-            )
+        for protocol, res in (("native", r), ("survey", r.get("survey"))):
+            if res is None:
+                continue
+            for src, table in res.get("by_source", {"": res["localization"]}).items():
+                for name, loc in table.items():
+                    if name not in ("intersection", "mean_map") and src != "baselines":
+                        continue
+                    label = name if src in ("", "baselines") else f"{src} {name}"
+                    rows.append(
+                        f"| {r['config']} ({r['weights']}) | {r['device']} "
+                        f"| {r['accuracy']['ensemble']:.1f} | {protocol} | {label} "
+                        f"| {loc.get('pxap', float('nan')):.1f} | {loc['dice_fg']:.1f} "
+                        f"| {loc['dice_bg']:.1f} | {loc['miou']:.1f} |"
+                    )
     return "\n".join(rows) + "\n"
 
 
@@ -125,6 +140,8 @@ def main() -> None:
     p.add_argument("--map-modes", default="class", help="class,max: which class maps to use")
     p.add_argument("--tta", action="store_true", help="also evaluate each CAM with flip TTA")
     p.add_argument("--models", default=None, help="where model versions go (default OUT/models)")
+    p.add_argument("--no-decoder", dest="decoder", action="store_false")
+    p.add_argument("--decoder-epochs", type=int, default=TrainConfig.decoder_epochs)
     args = p.parse_args()
     Path(args.out).mkdir(parents=True, exist_ok=True)
     results = [run_config(spec, args) for spec in args.configs.split(",")]

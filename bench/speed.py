@@ -35,18 +35,25 @@ CLASSES = ["benign", "malignant"]
 
 
 def make_ensemble(
-    members: list[str], size: tuple[int, int], samples: int, classes: list[str] | None = None
+    members: list[str],
+    size: tuple[int, int],
+    samples: int,
+    classes: list[str] | None = None,
+    decoder: bool = False,
 ) -> Ensemble:
     """Random weights: speed does not depend on them."""
     classes = classes or CLASSES
     torch.manual_seed(0)
-    built = [build_member(m, len(classes), "none", dropout=0.5) for m in members]
+    built = [build_member(m, len(classes), "none", dropout=0.5, decoder=decoder) for m in members]
     for member in built:  # realistic activations: fresh BatchNorm statistics zero many of them
         for mod in member.modules():
             if isinstance(mod, torch.nn.BatchNorm2d):
                 mod.running_mean.uniform_(-0.2, 0.2)
                 mod.running_var.uniform_(0.5, 1.5)
-    cfg = EnsembleConfig(classes, members, size, mc_samples=samples)
+    source = "decoder" if decoder else "cam"
+    cfg = EnsembleConfig(
+        classes, members, size, mc_samples=samples, decoder=decoder, map_source=source
+    )
     return Ensemble(built, cfg)
 
 
@@ -87,7 +94,52 @@ def floor(ens: Ensemble, x: torch.Tensor) -> None:
             member(x)
 
 
+def floor_with_decoder(ens: Ensemble, x: torch.Tensor) -> None:
+    """The floor plus what the decoder costs: the same forward with taps, then the decoder."""
+    with torch.no_grad():
+        for member in ens.members:
+            features, taps = member.features_and_taps(x)
+            member.head(features.mean(dim=(2, 3)))
+            member.decode(taps)
+
+
+def decoder_overhead(args: argparse.Namespace) -> dict:
+    """Floor vs floor + decoder on the same members, weights and batch, timed alternately in
+    one process so both see the same machine load; the ratio is what the decoder adds."""
+    torch.set_num_threads(args.threads)
+    size = parse_size(args.size)
+    members = args.members.split(",")
+    ens = make_ensemble(members, size, args.samples, decoder=True)
+    x = torch.rand(args.batch, 3, *size, generator=torch.Generator().manual_seed(1))
+    runs = {"floor": lambda: floor(ens, x), "floor+decoder": lambda: floor_with_decoder(ens, x)}
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    for run in runs.values():
+        run()  # warm-up
+    for _ in range(args.repeats):
+        for name, run in runs.items():
+            t0 = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - t0)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    params = sum(p.numel() for m in ens.members for p in m.decoder_parameters())
+    backbone = sum(p.numel() for m in ens.members for p in m.backbone_parameters())
+    return {
+        "pipeline": "decoder_overhead",
+        "members": members,
+        "size": list(size),
+        "batch": args.batch,
+        "repeats": args.repeats,
+        "floor_s": med["floor"],
+        "floor_decoder_s": med["floor+decoder"],
+        "ratio": med["floor+decoder"] / med["floor"],
+        "decoder_params": params,
+        "backbone_params": backbone,
+    }
+
+
 def worker(args: argparse.Namespace) -> dict:
+    if args.pipeline == "decoder_overhead":
+        return decoder_overhead(args)
     torch.set_num_threads(args.threads)
     size = parse_size(args.size)
     members = args.members.split(",")
@@ -158,11 +210,33 @@ def main() -> None:
     p.add_argument("--compare", action="store_true")
     p.add_argument("--out", default="bench/results/speed.json")
     p.add_argument("--sizes", default="224,448x320,672x448", help="resolution study, Lite trio")
+    p.add_argument(
+        "--decoder-only", action="store_true", help="only the decoder rows (floor vs +decoder)"
+    )
     args = p.parse_args()
     if args.worker:
         print(json.dumps(worker(args)))
         return
-    rows = []
+    decoder_rows = [
+        spawn(
+            pipeline="decoder_overhead",
+            members=",".join(group),
+            size=224,
+            batch=batch,
+            repeats=9 if batch == 1 else 5,
+            samples=args.samples,
+            threads=args.threads,
+        )
+        for group in (LITE_TRIO, PAPER_TRIO)
+        for batch in (1, 16)
+    ]
+    print(decoder_table(decoder_rows))
+    if args.decoder_only:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"machine": machine_info(args), "rows": decoder_rows}, indent=2))
+        return
+    rows = list(decoder_rows)
     trio = ",".join(PAPER_TRIO)
     for batch in (1, 16):
         reps = {"straightforward": 2 if batch == 16 else 3, "ours": 5, "floor": 5}
@@ -192,15 +266,33 @@ def main() -> None:
                     threads=args.threads,
                 )
             )
-    machine = {
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"machine": machine_info(args), "rows": rows}, indent=2))
+    print(table([r for r in rows if r["pipeline"] != "decoder_overhead"]))
+
+
+def machine_info(args: argparse.Namespace) -> dict:
+    return {
         "cpu": platform.processor() or platform.machine(),
         "threads": args.threads,
         "torch": torch.__version__,
         "cuda": torch.cuda.is_available(),
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"machine": machine, "rows": rows}, indent=2))
-    print(table(rows))
+
+
+def decoder_table(rows: list[dict]) -> str:
+    out = [
+        "| members | size | batch | floor ms/batch | floor + decoder ms/batch | added | decoder params |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        name = "paper trio" if r["members"] == list(PAPER_TRIO) else "lite trio"
+        out.append(
+            f"| {name} | {r['size'][1]}x{r['size'][0]} | {r['batch']} | {1000 * r['floor_s']:.1f} "
+            f"| {1000 * r['floor_decoder_s']:.1f} | {100 * (r['ratio'] - 1):+.1f} % "
+            f"| {r['decoder_params'] / 1e3:.0f} k ({100 * r['decoder_params'] / r['backbone_params']:.1f} % of the backbones) |"
+        )
+    return "\n".join(out)
 
 
 def table(rows: list[dict]) -> str:

@@ -70,7 +70,9 @@ def test_cpu_training_and_prediction_are_unchanged_by_amp_auto(synth_dir):
     for k in states[0]:
         assert torch.equal(states[0][k], states[1][k]), k
 
-    config = EnsembleConfig(["lesion", "normal"], ["tiny"], (64, 64), mc_samples=4)
+    config = EnsembleConfig(
+        ["lesion", "normal"], ["tiny"], (64, 64), mc_samples=4, decoder=False, map_source="cam"
+    )
     ensemble = Ensemble([member], config)
     x = torch.stack([train_ds[i][0] for i in range(4)])
     auto, off = ensemble.predict(x, seed=0), ensemble.predict(x, seed=0, amp="off")

@@ -201,6 +201,18 @@ def test_pre_annotate_learn_and_rank(label_studio, backend, tmp_path):
             assert mask.shape == (96, 96) and mask.any()
             brushes += 1
     assert brushes >= 3
+    # Pre-annotation quality on the synthetic findings (a finding without a mask counts 0).
+    ious = []
+    for p in preds:
+        name = task_name.get(p["task"])
+        if name is None or images[name] != "finding":
+            continue
+        b = {r["type"]: r for r in p["result"]}.get("brushlabels")
+        mask = rle_to_mask(b["value"]["rle"], 96, 96) if b else np.zeros((96, 96), bool)
+        truth = truths[name]
+        ious.append((mask & truth).sum() / max((mask | truth).sum(), 1))
+    print(f"pre-annotation IoU of v1 on {len(ious)} findings: {np.mean(ious):.3f}", ious)
+    assert len(ious) == 10 and np.mean(ious) >= 0.5
 
     # A human brush mask on one more image; the next training uses it.
     n = next(n for n in unlabelled if images[n] == "finding")

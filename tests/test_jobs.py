@@ -92,12 +92,12 @@ def test_a_pinned_holder_keeps_its_version_when_current_moves(tmp_path):
 
     cfg = EnsembleConfig(classes=["a", "b"], members=["tiny"], image_size=(64, 64))
     store = ModelStore(tmp_path)
-    first = store.save(Ensemble([build_member("tiny", 2)], cfg), {})
+    first = store.save(Ensemble([build_member("tiny", 2, decoder=True)], cfg), {})
     settings = Settings(model_dir=str(tmp_path))
     pinned, live = ModelHolder(settings), ModelHolder(settings)
     assert pinned.pin()[1] == first and live.get()[1] == first
     torch.manual_seed(1)
-    second = store.save(Ensemble([build_member("tiny", 2)], cfg), {})
+    second = store.save(Ensemble([build_member("tiny", 2, decoder=True)], cfg), {})
     assert live.get()[1] == second
     assert pinned.get()[1] == first
 
@@ -113,7 +113,7 @@ def test_a_replica_without_a_usable_queue_still_serves_predictions(tmp_path):
     from wsl_models.members import build_member
 
     cfg = EnsembleConfig(classes=["finding", "normal"], members=["tiny"], image_size=(64, 64))
-    version = ModelStore(tmp_path).save(Ensemble([build_member("tiny", 2)], cfg), {})
+    version = ModelStore(tmp_path).save(Ensemble([build_member("tiny", 2, decoder=True)], cfg), {})
     (tmp_path / "queue.db").mkdir()  # the queue file cannot be opened (as on a read-only mount)
     client = create_app(Settings(model_dir=str(tmp_path))).test_client()
     health = client.get("/health").get_json()

@@ -36,13 +36,16 @@ def test_flip_tta_makes_maps_of_a_mirror_symmetric_image_symmetric():
     torch.manual_seed(0)
     half = torch.rand(1, 3, 64, 32)
     x = torch.cat([half, half.flip(-1)], dim=-1)  # mirror-symmetric image
-    member = build_member("tiny", 2)
+    member = build_member("tiny", 2, decoder=True)
     for m in member.modules():
         if isinstance(m, torch.nn.BatchNorm2d):
             m.running_var.uniform_(0.5, 1.5)
     cfg = EnsembleConfig(["a", "b"], ["tiny"], (64, 64), tta_flip=True)
-    cams = Ensemble([member], cfg).predict(x, seed=0).cams[0]
+    out = Ensemble([member], cfg).predict(x, seed=0)
+    cams = out.cams[0]
     assert torch.allclose(cams, cams.flip(-1), atol=1e-5)
+    decoded = out.decoder_maps[0]  # the decoder's map is averaged with its mirror too
+    assert torch.allclose(decoded, decoded.flip(-1), atol=1e-5)
     plain = Ensemble([member], EnsembleConfig(["a", "b"], ["tiny"], (64, 64))).predict(x, seed=0)
     assert not torch.allclose(plain.cams[0], plain.cams[0].flip(-1), atol=1e-3)
 
@@ -51,8 +54,11 @@ def test_max_map_mode_takes_the_pixelwise_max_over_classes():
     torch.manual_seed(0)
     member = build_member("tiny", 3)
     x = torch.rand(1, 3, 64, 64)
-    by_class = Ensemble([member], EnsembleConfig(["a", "b", "c"], ["tiny"], (64, 64)))
-    by_max = Ensemble([member], EnsembleConfig(["a", "b", "c"], ["tiny"], (64, 64), map_mode="max"))
+    cams = {"decoder": False, "map_source": "cam"}
+    by_class = Ensemble([member], EnsembleConfig(["a", "b", "c"], ["tiny"], (64, 64), **cams))
+    by_max = Ensemble(
+        [member], EnsembleConfig(["a", "b", "c"], ["tiny"], (64, 64), map_mode="max", **cams)
+    )
     out = by_class.predict(x, seed=0)
     size = (64, 64)
     got = by_max.masks(out, 0, size).member_maps["0-tiny"]
@@ -113,7 +119,8 @@ def test_fine_tuning_starts_from_a_compatible_previous_version(synth_dir):
     ds = load_dataset(synth_dir)
     cfg = EnsembleConfig(list(ds.classes), ["tiny"], (64, 64))
     first, _ = train_ensemble(ds, cfg, TrainConfig(epochs=1, weights="none", progress=False))
-    tcfg = TrainConfig(epochs=0, weights="none", progress=False)  # no step: weights must carry over
+    # No step (classifier or decoder): weights must carry over.
+    tcfg = TrainConfig(epochs=0, decoder_epochs=0, weights="none", progress=False)
     again, metrics = train_ensemble(ds, cfg, tcfg, init=first)
     assert metrics["fine_tuned"] is True
     a, b = first.members[0].state_dict(), again.members[0].state_dict()

@@ -9,7 +9,8 @@ from wsl_models.versions import ModelStore, VersionError
 def _ensemble():
     torch.manual_seed(0)
     cfg = EnsembleConfig(classes=["a", "b"], members=["tiny", "tiny"], image_size=(64, 64))
-    return Ensemble([build_member("tiny", 2), build_member("tiny", 2)], cfg)
+    members = [build_member("tiny", 2, decoder=True) for _ in range(2)]
+    return Ensemble(members, cfg)
 
 
 def test_round_trip_gives_identical_predictions(tmp_path):
@@ -22,6 +23,8 @@ def test_round_trip_gives_identical_predictions(tmp_path):
     a, b = ens.predict(x, seed=3), loaded.predict(x, seed=3)
     assert torch.allclose(a.probs, b.probs)
     assert all(torch.allclose(p, q) for p, q in zip(a.cams, b.cams, strict=True))
+    assert all(torch.equal(p, q) for p, q in zip(a.decoder_maps, b.decoder_maps, strict=True))
+    assert a.decoder_maps[0].shape == (2, 1, 32, 32)  # stride 2 for the tiny member
     assert store.manifest(vid)["metrics"] == {"acc": 1.0}
 
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 from . import distributed
 from .data import load_dataset
-from .ensemble import EnsembleConfig
-from .evaluation import evaluate, format_table
+from .ensemble import MAP_SOURCES, EnsembleConfig
+from .evaluation import PROTOCOLS, evaluate, format_table
 from .images import parse_size
 from .members import LITE_TRIO
 from .synthetic import make_dataset
@@ -73,6 +73,19 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     t.add_argument(
         "--minmax", action="store_true", help="also train the min-max entropy localizer head"
     )
+    t.add_argument(
+        "--no-decoder",
+        dest="decoder",
+        action="store_false",
+        help="no full-resolution decoder: masks come from the CAMs (or --map-source localizer)",
+    )
+    t.add_argument(
+        "--map-source",
+        default=None,
+        choices=list(MAP_SOURCES),
+        help="where pre-annotations come from (default: decoder, else cam)",
+    )
+    t.add_argument("--decoder-epochs", type=int, default=TrainConfig.decoder_epochs)
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("evaluate", help="accuracy, PxAP, Dice/IoU on a pixel-labelled split")
@@ -84,6 +97,19 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--overlays", default=None, help="folder for one PNG per image")
     e.add_argument("--batch-size", type=int, default=8)
     e.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    e.add_argument(
+        "--protocol",
+        default="native",
+        choices=list(PROTOCOLS),
+        help="native: each image at its own size; survey: the published WSOL protocol "
+        "(masks at 224x224, the ground-truth class's map, pooled PxAP)",
+    )
+    e.add_argument(
+        "--sources",
+        default="",
+        help="comma-separated map sources to report (default: every one the model has: "
+        "cam, localizer, decoder)",
+    )
     e.set_defaults(func=cmd_evaluate)
 
     s = sub.add_parser("synth", help="write a small synthetic dataset (blobs = lesion)")
@@ -92,6 +118,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--test", type=int, default=8, help="images per class in test")
     s.add_argument("--size", type=int, default=96)
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--kind", default="blobs", choices=["blobs", "disks"])
     s.set_defaults(func=cmd_synth)
 
 
@@ -115,8 +142,11 @@ def _train(args: argparse.Namespace) -> int:
         cam_method=args.cam,
         mask_classes=[c for c in args.mask_classes.split(",") if c] or None,
         localizer=args.minmax,
+        decoder=args.decoder,
+        map_source=args.map_source or ("decoder" if args.decoder else "cam"),
     )
     cfg = TrainConfig(
+        decoder_epochs=args.decoder_epochs,
         train_masks=args.train_masks,
         mask_weight=args.mask_weight,
         minmax=args.minmax,
@@ -143,7 +173,15 @@ def _train(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     store = ModelStore(args.model)
     ensemble = store.load(args.version, device=resolve_device(args.device))
-    result = evaluate(ensemble, load_dataset(args.data), args.split, args.batch_size, args.overlays)
+    result = evaluate(
+        ensemble,
+        load_dataset(args.data),
+        args.split,
+        args.batch_size,
+        args.overlays,
+        protocol=args.protocol,
+        sources=[s for s in args.sources.split(",") if s] or None,
+    )
     result["version"] = args.version or store.current_id()
     print(format_table(result))
     if args.json:
@@ -154,7 +192,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_synth(args: argparse.Namespace) -> int:
     out = make_dataset(
-        args.out, {"train": args.train, "test": args.test}, (args.size, args.size), args.seed
+        args.out,
+        {"train": args.train, "test": args.test},
+        (args.size, args.size),
+        args.seed,
+        args.kind,
     )
     print(f"synthetic dataset written to {out}")
     return 0

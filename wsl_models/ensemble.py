@@ -14,6 +14,8 @@ from .masks import Threshold, binarize, intersect, remove_small_components
 from .members import Member, member_spec
 from .uncertainty import MEASURES, mc_dropout_probs, member_disagreement
 
+MAP_SOURCES = ("cam", "localizer", "decoder")
+
 
 @dataclass
 class EnsembleConfig:
@@ -41,20 +43,30 @@ class EnsembleConfig:
     # (GlaS: glands in benign and malignant images alike).
     map_mode: str = "class"
     tta_flip: bool = False  # average each CAM with the CAM of the mirrored image (2x backbone)
-    # Members carry a min-max entropy localizer head (trained with TrainConfig.minmax), and
-    # where the maps come from: "cam" (the CAM method) or "localizer" (that head; the same
-    # class-agnostic map for every class).
+    # Members carry a min-max entropy localizer head (trained with TrainConfig.minmax) and/or a
+    # full-resolution decoder (decoder.py, trained from CAM seeds and masks), and where the
+    # pre-annotation comes from: "cam" (the CAM method), "localizer" or "decoder" (those heads;
+    # class-agnostic: the same map for every class). Versions saved before the decoder existed
+    # load with decoder=False (``from_dict``).
     localizer: bool = False
-    map_source: str = "cam"
+    decoder: bool = True
+    map_source: str = "decoder"
+    # The decoder map is a probability (not min-max normalised): one threshold for every
+    # agreeing member, calibrated on pixel-labelled held-out images where there are some.
+    decoder_threshold: Threshold = 0.5
 
     def __post_init__(self) -> None:
         self.image_size = tuple(int(v) for v in self.image_size)  # type: ignore[assignment]
         if self.map_mode not in ("class", "max"):
             raise ValueError(f"map_mode must be 'class' or 'max', not {self.map_mode!r}")
-        if self.map_source not in ("cam", "localizer"):
-            raise ValueError(f"map_source must be 'cam' or 'localizer', not {self.map_source!r}")
+        if self.map_source not in MAP_SOURCES:
+            raise ValueError(
+                f"map_source must be one of {', '.join(MAP_SOURCES)}, not {self.map_source!r}"
+            )
         if self.map_source == "localizer" and not self.localizer:
             raise ValueError("map_source 'localizer' needs members with a localizer head")
+        if self.map_source == "decoder" and not self.decoder:
+            raise ValueError("map_source 'decoder' needs members with a decoder (decoder=True)")
         if self.review_measure not in MEASURES:
             raise ValueError(f"unknown review measure {self.review_measure!r}")
         unknown = set(self.mask_classes or []) - set(self.classes)
@@ -74,17 +86,31 @@ class EnsembleConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> EnsembleConfig:
         known = {f for f in cls.__dataclass_fields__}
-        return cls(**{k: v for k, v in d.items() if k in known})
+        values = {k: v for k, v in d.items() if k in known}
+        values.setdefault("decoder", False)  # saved before decoders: CAM or localizer maps
+        values.setdefault("map_source", "cam")
+        return cls(**values)
+
+    @property
+    def sources(self) -> list[str]:
+        """The map sources this ensemble's members can produce."""
+        return [
+            "cam",
+            *(["localizer"] if self.localizer else []),
+            *(["decoder"] if self.decoder else []),
+        ]
+
+    def threshold_for(self, member: str, source: str | None = None) -> Threshold:
+        if (source or self.map_source) == "decoder":
+            return self.decoder_threshold
+        if self.intersection_threshold is not None:
+            return self.intersection_threshold
+        return self.member_thresholds.get(member, "otsu")
 
     @property
     def member_keys(self) -> list[str]:
         """Unique member keys ("0-resnet50", ...): the same architecture may appear twice."""
         return [f"{k}-{n}" for k, n in enumerate(self.members)]
-
-    def threshold_for(self, member: str) -> Threshold:
-        if self.intersection_threshold is not None:
-            return self.intersection_threshold
-        return self.member_thresholds.get(member, "otsu")
 
 
 @dataclass
@@ -102,6 +128,10 @@ class EnsembleOutput:
     # (B, D) each member's pooled features, L2-normalised, concatenated: what batch diversity
     # compares (two images the ensemble "sees" alike get a cosine similarity near 1).
     embeddings: torch.Tensor | None = None
+    # Per member (B, 1, h, w), class-agnostic: the localizer's map (normalised) at 1/32 and the
+    # decoder's foreground probability at 1/4 of the input. Empty when members have none.
+    localizer_maps: list[torch.Tensor] = field(default_factory=list)
+    decoder_maps: list[torch.Tensor] = field(default_factory=list)
 
     @property
     def member_probs(self) -> torch.Tensor:
@@ -132,6 +162,8 @@ class Ensemble:
             raise ValueError("an ensemble needs at least one member")
         if [m.name for m in members] != list(config.members):
             raise ValueError("members do not match the config")
+        if config.decoder and any(m.decoder is None for m in members):
+            raise ValueError("the config says decoder=True but a member has no decoder")
         self.members = members
         self.config = config
         self.cam = self.cam_for(config)
@@ -163,37 +195,46 @@ class Ensemble:
         images = images.to(self.device)
         enabled, dtype = amp_settings(self.amp if amp is None else amp, images.device)
 
-        def feature_map(member: Member, x: torch.Tensor) -> torch.Tensor:
-            if not enabled:
-                return member.feature_map(x)
+        def forward(member: Member, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
             with autocast(x.device, enabled, dtype):
-                return member.feature_map(x).float()
+                features, taps = member.features_and_taps(x)
+            return features.float(), [t.float() for t in taps]
 
-        mc, cams, embeddings = [], [], []
+        def heads(member: Member, features: torch.Tensor, taps: list[torch.Tensor]):
+            """(CAMs of every class, localizer map, decoder probability) of one forward."""
+            cam = (
+                normalize_maps(self.cam.from_features(features, member.head.weight))
+                if isinstance(self.cam, AnalyticCAM)
+                else None
+            )
+            loc = member.localize(features) if member.localizer is not None else None
+            dec = torch.sigmoid(member.decode(taps)) if member.decoder is not None else None
+            return cam, loc, dec
+
+        def mirrored(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
+            return None if a is None else (a + b.flip(-1)) / 2
+
+        mc, cams, locs, decs, embeddings = [], [], [], [], []
         for i, member in enumerate(self.members):
             member.eval()
             with torch.no_grad():
-                features = feature_map(member, images)
+                features, taps = forward(member, images)
                 pooled = features.mean(dim=(2, 3))
                 embeddings.append(torch.nn.functional.normalize(pooled.float(), dim=1).cpu())
                 s = None if seed is None else seed + i
                 mc.append(mc_dropout_probs(member, pooled, cfg.mc_samples, s).float().cpu())
-                if cfg.map_source == "localizer":
-                    fg = member.localize(features)
-                    if cfg.tta_flip:
-                        fg = (
-                            fg + member.localize(feature_map(member, images.flip(-1))).flip(-1)
-                        ) / 2
-                    maps = normalize_maps(fg.expand(-1, len(cfg.classes), -1, -1))
-                elif isinstance(self.cam, AnalyticCAM):
-                    maps = normalize_maps(self.cam.from_features(features, member.head.weight))
-                    if cfg.tta_flip:
-                        mirrored = feature_map(member, images.flip(-1))
-                        raw_m = self.cam.from_features(mirrored, member.head.weight).flip(-1)
-                        maps = normalize_maps(maps + normalize_maps(raw_m))
-            if cfg.map_source == "cam" and not isinstance(self.cam, AnalyticCAM):
-                maps = normalize_maps(self.cam(member, images).float())
-            cams.append(maps.float().cpu())
+                cam, loc, dec = heads(member, features, taps)
+                if cfg.tta_flip:
+                    cam_m, loc_m, dec_m = heads(member, *forward(member, images.flip(-1)))
+                    cam = None if cam is None else normalize_maps(cam + cam_m.flip(-1))
+                    loc, dec = mirrored(loc, loc_m), mirrored(dec, dec_m)
+            if cam is None:  # a pytorch-grad-cam method: its own forward and backward
+                cam = normalize_maps(self.cam(member, images).float())
+            cams.append(cam.float().cpu())
+            if loc is not None:
+                locs.append(normalize_maps(loc).float().cpu())
+            if dec is not None:
+                decs.append(dec.float().cpu())
         mc_probs = torch.stack(mc)  # (M, T, B, C)
         member_probs = mc_probs.mean(dim=1)
         probs = member_probs.mean(dim=0)
@@ -208,29 +249,55 @@ class Ensemble:
             flagged |= unc[cfg.review_measure] > cfg.review_threshold
         emb = torch.cat(embeddings, dim=1) / len(embeddings) ** 0.5
         return EnsembleOutput(
-            cfg.member_keys, mc_probs, cams, probs, label, agree, unc, flagged, emb
+            cfg.member_keys, mc_probs, cams, probs, label, agree, unc, flagged, emb, locs, decs
         )
 
+    def source_maps(self, out: EnsembleOutput, index: int, label: int, source: str) -> torch.Tensor:
+        """(M, h, w) each member's map of image ``index`` for class ``label`` from ``source``,
+        at the model's resolution for that source."""
+        if source == "decoder":
+            if not out.decoder_maps:
+                raise ValueError(
+                    "this ensemble has no decoder: map_source 'decoder' is not available"
+                )
+            return torch.stack([d[index, 0] for d in out.decoder_maps])
+        if source == "localizer":
+            if not out.localizer_maps:
+                raise ValueError("this ensemble has no localizer head")
+            return torch.stack([d[index, 0] for d in out.localizer_maps])
+        if source != "cam":
+            raise ValueError(f"unknown map source {source!r}; known: {', '.join(MAP_SOURCES)}")
+        if self.config.map_mode == "max":
+            return torch.stack([cam[index].amax(dim=0) for cam in out.cams])
+        return torch.stack([cam[index, label] for cam in out.cams])
+
     def masks(
-        self, out: EnsembleOutput, index: int, size: tuple[int, int], label: int | None = None
+        self,
+        out: EnsembleOutput,
+        index: int,
+        size: tuple[int, int],
+        label: int | None = None,
+        source: str | None = None,
     ) -> ImageMasks:
         """Consensus for image ``index`` at original ``size`` = (H, W).
 
-        ``label`` defaults to the ensemble's class (what annotators see).
+        ``label`` defaults to the ensemble's class (what annotators see); ``source`` to the
+        config's map source. CAM and localizer maps are min-max normalised per image; the
+        decoder's is a probability and stays one (an image with no foreground stays dark).
         """
         cfg = self.config
+        source = source or cfg.map_source
         c = int(out.label[index]) if label is None else label
         names = out.member_keys
-        if cfg.map_mode == "max":
-            stack = torch.stack([cam[index].amax(dim=0) for cam in out.cams])
-        else:
-            stack = torch.stack([cam[index, c] for cam in out.cams])
-        maps = normalize_maps(resize_maps(stack, size)).numpy()
+        stack = resize_maps(self.source_maps(out, index, c, source), size)
+        maps = (stack.clamp(0, 1) if source == "decoder" else normalize_maps(stack)).numpy()
         member_maps = dict(zip(names, maps, strict=True))
         agreeing = [n for n, a in zip(names, out.agree[:, index].tolist(), strict=True) if a]
         chosen = np.stack([member_maps[n] for n in agreeing]) if agreeing else maps
         wanted = cfg.mask_classes is None or cfg.classes[c] in cfg.mask_classes
-        member_masks = {n: binarize(member_maps[n], cfg.threshold_for(n)) & wanted for n in names}
+        member_masks = {
+            n: binarize(member_maps[n], cfg.threshold_for(n, source)) & wanted for n in names
+        }
         mask = None
         need = min(cfg.min_agree, len(names))
         if wanted and len(agreeing) >= need:

@@ -11,9 +11,9 @@ import torch
 from tqdm.auto import tqdm
 
 from .data import Dataset, DatasetError
-from .ensemble import Ensemble
+from .ensemble import Ensemble, ImageMasks
 from .images import open_image, open_mask, to_tensor
-from .masks import binarize
+from .masks import Threshold, binarize
 from .metrics import (
     PXAP_BINS,
     centred_gaussian,
@@ -48,6 +48,10 @@ class _Tally:
         return out
 
 
+SURVEY_SIZE = (224, 224)
+PROTOCOLS = ("native", "survey")
+
+
 def evaluate(
     ensemble: Ensemble,
     dataset: Dataset,
@@ -56,8 +60,23 @@ def evaluate(
     overlays: str | Path | None = None,
     seed: int = 0,
     progress: bool = True,
+    protocol: str = "native",
+    sources: list[str] | None = None,
 ) -> dict[str, Any]:
+    """Accuracy and, for every map source (CAM, localizer, decoder), PxAP and Dice/IoU.
+
+    ``protocol``: ``native``: maps of the ensemble's class at each image's own size, scored
+    against its full-resolution mask (what annotators get). ``survey``: the published WSOL
+    protocol (Choe et al.; NEGEV): masks resized to 224x224 (nearest), the map of the
+    ground-truth class, pooled PxAP. The model itself still sees its own input size.
+    """
     cfg = ensemble.config
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {', '.join(PROTOCOLS)}, not {protocol!r}")
+    sources = sources or cfg.sources
+    unknown_src = sorted(set(sources) - set(cfg.sources))
+    if unknown_src:
+        raise ValueError(f"map source(s) {unknown_src} not available; this model has {cfg.sources}")
     samples = [s for s in dataset.split(split)]
     unknown = sorted({s.label for s in samples} - set(cfg.classes))
     if unknown:
@@ -66,9 +85,11 @@ def evaluate(
         raise DatasetError(f"every image of split {split!r} needs a mask in masks/ to evaluate")
     names = cfg.member_keys
     keys = [*names, "intersection", "mean_map"]
-    tallies = {k: _Tally() for k in [*keys, "baseline_all_ones", "baseline_gaussian"]}
+    tallies = {src: {k: _Tally() for k in keys} for src in sources}
+    baselines = {k: _Tally() for k in ("baseline_all_ones", "baseline_gaussian")}
     correct = {k: 0 for k in ["ensemble", *names]}
-    flagged = no_mask = 0
+    flagged = 0
+    no_mask = {src: 0 for src in sources}
     overlay_dir = Path(overlays) if overlays else None
     if overlay_dir:
         overlay_dir.mkdir(parents=True, exist_ok=True)
@@ -82,64 +103,97 @@ def evaluate(
         member_pred = out.member_probs.argmax(-1)
         for j, s in enumerate(batch):
             truth = open_mask(s.mask, imgs[j].size)
+            if protocol == "survey":
+                truth = resize_mask(truth, SURVEY_SIZE)
             y = cfg.classes.index(s.label)
             correct["ensemble"] += int(out.label[j]) == y
             for k, n in enumerate(names):
                 correct[n] += int(member_pred[k, j]) == y
             flagged += bool(out.flagged[j])
-            res = ensemble.masks(out, j, truth.shape)
-            mask = res.mask if res.mask is not None else np.zeros_like(truth)
-            no_mask += res.mask is None
-            # A class without masks (e.g. "normal") predicts no foreground anywhere.
-            off = np.zeros(truth.shape, np.float32)
-            for n in names:
-                m = res.member_maps[n] if res.wanted else off
-                tallies[n].add(m, res.member_masks[n], truth)
-            inter = res.intersection_map if res.wanted else off
-            mean = res.mean_map if res.wanted else off
-            tallies["intersection"].add(inter, mask, truth)
-            tallies["mean_map"].add(mean, binarize(mean, cfg.mean_threshold) & res.wanted, truth)
+            label = y if protocol == "survey" else None
+            for src in sources:
+                res = ensemble.masks(out, j, truth.shape, label=label, source=src)
+                no_mask[src] += res.mask is None
+                mean_t = cfg.decoder_threshold if src == "decoder" else cfg.mean_threshold
+                _score(tallies[src], res, truth, names, mean_t)
+                if overlay_dir and src == cfg.map_source:
+                    write_overlay(
+                        overlay_dir / f"{Path(s.name).stem}.png",
+                        imgs[j],
+                        res,
+                        truth,
+                        cfg.classes,
+                        s.label,
+                    )
             ones = np.ones_like(truth, dtype=np.float32)
-            tallies["baseline_all_ones"].add(ones, ones > 0, truth)
+            baselines["baseline_all_ones"].add(ones, ones > 0, truth)
             g = centred_gaussian(*truth.shape)
-            tallies["baseline_gaussian"].add(g, g > GAUSSIAN_THRESHOLD, truth)
-            if overlay_dir:
-                write_overlay(
-                    overlay_dir / f"{Path(s.name).stem}.png",
-                    imgs[j],
-                    res,
-                    truth,
-                    cfg.classes,
-                    s.label,
-                )
+            baselines["baseline_gaussian"].add(g, g > GAUSSIAN_THRESHOLD, truth)
         bar.update(len(batch))
     bar.close()
     n = len(samples)
+    base = {k: t.result() for k, t in baselines.items()}
+    by_source = {src: {k: t.result() for k, t in tallies[src].items()} for src in sources}
+    main = cfg.map_source if cfg.map_source in sources else sources[0]
     return {
         "split": split,
+        "protocol": protocol,
         "images": n,
         "image_size": list(cfg.image_size),
+        "eval_size": list(SURVEY_SIZE) if protocol == "survey" else "native",
         "members": names,
+        "map_source": main,
         "accuracy": {k: 100.0 * v / n for k, v in correct.items()},
         "flagged": flagged,
-        "no_mask": no_mask,
-        "localization": {k: t.result() for k, t in tallies.items()},
+        "no_mask": no_mask[main],
+        "no_mask_by_source": no_mask,
+        # The serving source's rows and the baselines (as before), then every source's.
+        "localization": {**by_source[main], **base},
+        "by_source": {**by_source, "baselines": base},
         "seconds": time.perf_counter() - start,
     }
 
 
+def _score(
+    tally: dict[str, _Tally],
+    res: ImageMasks,
+    truth: np.ndarray,
+    names: list[str],
+    mean_threshold: Threshold,
+) -> None:
+    """Add one image's maps and masks of one source to its tallies."""
+    mask = res.mask if res.mask is not None else np.zeros_like(truth)
+    # A class without masks (e.g. "normal") predicts no foreground anywhere.
+    off = np.zeros(truth.shape, np.float32)
+    for n in names:
+        tally[n].add(res.member_maps[n] if res.wanted else off, res.member_masks[n], truth)
+    inter = res.intersection_map if res.wanted else off
+    mean = res.mean_map if res.wanted else off
+    tally["intersection"].add(inter, mask, truth)
+    tally["mean_map"].add(mean, binarize(mean, mean_threshold) & res.wanted, truth)
+
+
+def resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Nearest-neighbour resize of a boolean mask to (H, W), as the published protocol does."""
+    t = torch.from_numpy(mask.astype(np.float32))[None, None]
+    return (torch.nn.functional.interpolate(t, size=size, mode="nearest")[0, 0] > 0.5).numpy()
+
+
 def format_table(result: dict[str, Any]) -> str:
     cols = ["pxap", "dice_fg", "dice_bg", "iou_fg", "iou_bg", "miou"]
+    where = "224x224 (survey protocol)" if result.get("protocol") == "survey" else "native size"
     lines = [
-        f"split {result['split']}: {result['images']} images at "
-        f"{result['image_size'][1]}x{result['image_size'][0]}, "
+        f"split {result['split']}: {result['images']} images, model input "
+        f"{result['image_size'][1]}x{result['image_size'][0]}, scored at {where}; "
         f"flagged {result['flagged']}, without mask {result['no_mask']}",
         "accuracy: " + ", ".join(f"{k} {v:.1f}" for k, v in result["accuracy"].items()),
-        f"{'source':<28}" + "".join(f"{c:>9}" for c in cols),
+        f"{'map':<32}" + "".join(f"{c:>9}" for c in cols),
     ]
-    for name, row in result["localization"].items():
-        cells = "".join(f"{row[c]:9.1f}" if c in row else f"{'-':>9}" for c in cols)
-        lines.append(f"{name:<28}{cells}")
+    for src, rows in result.get("by_source", {"": result["localization"]}).items():
+        for name, row in rows.items():
+            label = name if src in ("", "baselines") else f"{src} {name}"
+            cells = "".join(f"{row[c]:9.1f}" if c in row else f"{'-':>9}" for c in cols)
+            lines.append(f"{label:<32}{cells}")
     return "\n".join(lines)
 
 

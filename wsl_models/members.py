@@ -9,18 +9,33 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
+from contextvars import ContextVar
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from urllib.error import URLError
 
 import torch
 from torch import nn
 
+from .decoder import FPNDecoder
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # EfficientNet-Lite was trained in TensorFlow on (x - 127) / 128.
 LITE_MEAN = (0.5, 0.5, 0.5)
 LITE_STD = (0.5, 0.5, 0.5)
+
+
+# The taps of the forward running in this thread (or None: nobody asked). Forward hooks write
+# here, so concurrent requests on other threads never see each other's tensors.
+_TAPS: ContextVar[dict[str, torch.Tensor] | None] = ContextVar("camlabel_taps", default=None)
+
+
+def _capture(name: str, module: nn.Module, inputs: object, output: torch.Tensor) -> None:
+    store = _TAPS.get()
+    if store is not None:
+        store[name] = output
 
 
 class WeightsError(RuntimeError):
@@ -63,6 +78,8 @@ class Member(nn.Module):
         mean: tuple[float, float, float],
         std: tuple[float, float, float],
         localizer: bool = False,
+        taps: tuple[str, ...] = (),
+        decoder: bool = False,
     ) -> None:
         super().__init__()
         self.name = name
@@ -74,6 +91,12 @@ class Member(nn.Module):
         self.localizer = nn.Conv2d(channels, 1, 1) if localizer else None
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+        # The decoder reads the registry's taps (fine -> coarse) plus the last feature map.
+        self.taps = tuple(taps) if decoder else ()
+        modules = dict(features.named_modules())
+        for tap in self.taps:
+            modules[tap].register_forward_hook(partial(_capture, tap))
+        self.decoder = FPNDecoder([*self._tap_channels(), channels]) if decoder else None
 
     @property
     def target_layer(self) -> nn.Module:
@@ -82,6 +105,39 @@ class Member(nn.Module):
 
     def feature_map(self, x: torch.Tensor) -> torch.Tensor:
         return self.features((x - self.mean) / self.std)
+
+    def features_and_taps(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """One backbone forward: the last feature map and the decoder's taps (fine -> coarse,
+        the last feature map included). Without a decoder the tap list is empty."""
+        if self.decoder is None:
+            return self.feature_map(x), []
+        store: dict[str, torch.Tensor] = {}
+        token = _TAPS.set(store)
+        try:
+            features = self.feature_map(x)
+        finally:
+            _TAPS.reset(token)
+        return features, [*(store[t] for t in self.taps), features]
+
+    def decode(self, taps: list[torch.Tensor]) -> torch.Tensor:
+        """(B, 1, h, w) foreground logits at the finest tap (stride 4 for the CNN members)."""
+        if self.decoder is None:
+            raise ValueError(f"member {self.name} has no decoder")
+        return self.decoder(taps)
+
+    def _tap_channels(self) -> list[int]:
+        """Channels of each tap, read off one small forward (the registry names modules only)."""
+        store: dict[str, torch.Tensor] = {}
+        token = _TAPS.set(store)
+        was_training = self.training
+        try:
+            self.eval()
+            with torch.no_grad():
+                self.feature_map(torch.zeros(1, 3, 64, 64))
+        finally:
+            _TAPS.reset(token)
+            self.train(was_training)
+        return [store[t].shape[1] for t in self.taps]
 
     def localize(self, features: torch.Tensor) -> torch.Tensor:
         """(B, 1, h, w) foreground probability from the localizer head."""
@@ -97,6 +153,9 @@ class Member(nn.Module):
 
     def backbone_parameters(self) -> list[nn.Parameter]:
         return list(self.features.parameters())
+
+    def decoder_parameters(self) -> list[nn.Parameter]:
+        return list(self.decoder.parameters()) if self.decoder is not None else []
 
     def head_parameters(self) -> list[nn.Parameter]:
         extra = list(self.localizer.parameters()) if self.localizer is not None else []
@@ -229,27 +288,49 @@ def _tiny(pretrained: bool, output_stride: int = 32) -> tuple[nn.Module, int]:
     return nn.Sequential(*block(3, 16), *block(16, 32), *block(32, 64)), 64
 
 
+def _lite_taps(features: nn.Module) -> tuple[str, ...]:
+    """The last block before each stride-2 block (strides 4, 8, 16 with output stride 32)."""
+    blocks = list(features.net._blocks)
+    down = [i for i, b in enumerate(blocks) if _stride(b._depthwise_conv) == 2]
+    return tuple(f"net._blocks.{i - 1}" for i in down[1:])
+
+
+def _stride(conv: nn.Conv2d) -> int:
+    s = conv.stride
+    return int(s[0] if isinstance(s, (tuple, list)) else s)
+
+
 @dataclass(frozen=True)
 class MemberSpec:
+    """``taps``: the modules (paths inside the feature module) the decoder reads, fine to
+    coarse, at strides 4, 8 and 16; the last feature map (the CAM layer) is always the last tap.
+    A tuple, or a function of the built feature module where the path depends on the variant."""
+
     name: str
     build: Callable[..., tuple[nn.Module, int]]
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     stride: int = 32
     offline_weights: bool = False
+    taps: tuple[str, ...] | Callable[[nn.Module], tuple[str, ...]] = ()
+
+    def taps_of(self, features: nn.Module) -> tuple[str, ...]:
+        return self.taps(features) if callable(self.taps) else self.taps
 
 
 MEMBERS: dict[str, MemberSpec] = {
     s.name: s
     for s in [
-        MemberSpec("resnet50", _resnet50),
-        MemberSpec("efficientnet_b0", _efficientnet_b0),
-        MemberSpec("densenet121", _densenet121),
+        MemberSpec("resnet50", _resnet50, taps=("4", "5", "6")),  # layer1..layer3
+        MemberSpec("efficientnet_b0", _efficientnet_b0, taps=("2", "3", "5")),
+        MemberSpec(
+            "densenet121", _densenet121, taps=("0.denseblock1", "0.denseblock2", "0.denseblock3")
+        ),
         *[
-            MemberSpec(f"efficientnet_lite{i}", _lite(i), LITE_MEAN, LITE_STD, 32, True)
+            MemberSpec(f"efficientnet_lite{i}", _lite(i), LITE_MEAN, LITE_STD, 32, True, _lite_taps)
             for i in (0, 1, 2)
         ],
-        MemberSpec("tiny", _tiny, stride=8),
+        MemberSpec("tiny", _tiny, stride=8, taps=("2", "5")),  # strides 2 and 4, then 8
     ]
 }
 
@@ -316,6 +397,7 @@ def build_member(
     dropout: float = 0.5,
     output_stride: int = 32,
     localizer: bool = False,
+    decoder: bool = False,
 ) -> Member:
     """Build a member by name; ``weights`` is ``imagenet``, ``none`` or a local file path."""
     if output_stride not in (16, 32):
@@ -327,7 +409,19 @@ def build_member(
         raise ValueError("dropout must be in [0, 1)")
     w = weights if isinstance(weights, Weights) else Weights.parse(weights)
     features, channels = spec.build(w.source == "imagenet", output_stride)
-    member = Member(name, features, channels, num_classes, dropout, spec.mean, spec.std, localizer)
+    taps = spec.taps_of(features) if decoder else ()
+    member = Member(
+        name,
+        features,
+        channels,
+        num_classes,
+        dropout,
+        spec.mean,
+        spec.std,
+        localizer,
+        taps,
+        decoder,
+    )
     if w.is_file:
         _load_backbone_file(member, Path(w.source))
     return member.eval()

@@ -10,8 +10,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
-import random
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any
 
 import numpy as np
@@ -20,6 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import distributed
+from .calibration import calibrate, calibration_samples
 from .cam import XGradCAM, normalize_maps, resize_maps
 from .data import (
     Dataset,
@@ -30,8 +30,8 @@ from .data import (
     load_masks,
     stratified_holdout,
 )
+from .decoder_training import train_decoders
 from .ensemble import Ensemble, EnsembleConfig
-from .masks import calibrate_threshold
 from .members import Member, Weights, build_member
 from .metrics import pxap
 from .supervision import (
@@ -46,79 +46,9 @@ from .supervision import (
     pixel_loss,
     pseudo_target,
 )
+from .train_config import TrainConfig, resolve_device, seed_everything, weights_for
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class TrainConfig:
-    epochs: int = 20
-    batch_size: int = 16
-    lr: float = 1e-3
-    backbone_lr_factor: float | None = None  # None: 0.1 when pretrained, 1.0 from scratch
-    weight_decay: float = 1e-4
-    patience: int = 6
-    val_fraction: float = 0.15
-    seed: int = 0
-    weights: str = "imagenet"  # imagenet | none | PATH | "member=value,member=value"
-    freeze_bn: bool | None = None  # None: frozen when pretrained
-    calibration_images: int = 6
-    review_quantile: float = 0.9
-    # Checkpoint selection: "loss" (validation loss), "localization" (PxAP of the member's
-    # CAM on the pixel-labelled calibration images: the Survey's B-LOC rule), "last" (the final
-    # epoch), or "auto": "last" when pixel targets are used (the classification loss says
-    # nothing about the masks being learned), else "loss".
-    select: str = "auto"
-    device: str = "auto"
-    progress: bool = True
-    # Pixel supervision (supervision.py). Loss = CE + mask_weight * BCE(class map, human mask)
-    # + pseudo_weight * BCE(class map, pseudo-mask). Pseudo-masks come from the previous
-    # version's consensus map: >= pseudo_fg foreground, <= pseudo_bg background, between ignored.
-    # train_masks: whether masks of *training* images supervise pixels (the Label Studio job:
-    # yes, they are the annotators' masks). Off by default so a dataset's masks/ folder, there
-    # for evaluation and calibration, never silently turns weak supervision into full.
-    train_masks: bool = False
-    mask_weight: float = 5.0  # 5 beat 1 on GlaS (Dice-AUC 59.2 vs 58.3; +pseudo 60.9 vs 59.3)
-    pseudo_weight: float = 0.1  # 0: no pseudo-masks
-    pseudo_fg: float = 0.7
-    pseudo_bg: float = 0.3
-    # The min-max entropy localizer (members get a localizer head; see supervision.py).
-    minmax: bool = False
-    minmax_weight: float = 1.0
-    minmax_area: tuple[float, float] = (0.1, 0.9)
-    augment: bool = True  # random flips, crops and colour jitter of training images
-    # Mixed precision: "auto" (on for CUDA: bfloat16, or float16 with loss scaling where the
-    # GPU has no bfloat16), "on" (CUDA only), "off". Nothing changes on CPU.
-    amp: str = "auto"
-
-
-def resolve_device(name: str) -> torch.device:
-    """auto: CUDA when available. Under torchrun with CUDA: this process's GPU, LOCAL_RANK."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' requested but no CUDA device is available")
-    if name == "cuda" and distributed.is_distributed():
-        return torch.device("cuda", distributed.local_rank())
-    return torch.device(name)
-
-
-def weights_for(member: str, spec: str) -> Weights:
-    """``imagenet`` for all, or ``resnet50=/path.pth,densenet121=none`` per member."""
-    if "=" not in spec:
-        w = Weights.parse(spec)
-        # Members without ImageNet weights (the tiny test member) train from scratch.
-        if w.source == "imagenet" and member == "tiny":
-            return Weights("none")
-        return w
-    table = dict(item.split("=", 1) for item in spec.split(",") if item)
-    return Weights.parse(table.get(member, "imagenet"))
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def _set_train_mode(member: Member, freeze_bn: bool) -> None:
@@ -328,76 +258,17 @@ def _localization_score(
     return pxap(maps, truths)
 
 
-def _calibration_samples(
-    held: list[Sample], n: int, mask_classes: list[str] | None
-) -> list[Sample]:
-    """Up to n pixel-labelled held-out images of mask classes, alternating classes (valpx)."""
-    with_masks = [
-        s for s in held if s.mask is not None and (mask_classes is None or s.label in mask_classes)
-    ]
-    by_class: dict[str, list[Sample]] = {}
-    for s in with_masks:
-        by_class.setdefault(s.label, []).append(s)
-    out: list[Sample] = []
-    while len(out) < n and any(by_class.values()):
-        for label in sorted(by_class):
-            if by_class[label] and len(out) < n:
-                out.append(by_class[label].pop(0))
-    return out
-
-
-def calibrate(
-    ensemble: Ensemble, val_ds: ImageDataset, calib: list[Sample], cfg: TrainConfig
-) -> dict[str, Any]:
-    """Set review and mask thresholds from held-out data; returns what was measured."""
-    conf = ensemble.config
-    report: dict[str, Any] = {}
-    if len(val_ds):
-        x = torch.stack([val_ds[i][0] for i in range(len(val_ds))])
-        outs = [ensemble.predict(x[i : i + 16], seed=cfg.seed) for i in range(0, len(x), 16)]
-        labels = torch.tensor(val_ds.labels)
-        pred = torch.cat([o.label for o in outs])
-        unc = torch.cat([o.uncertainty[conf.review_measure] for o in outs])
-        member_pred = torch.cat([o.member_probs.argmax(-1) for o in outs], dim=1)
-        report["val_accuracy"] = {
-            "ensemble": float((pred == labels).float().mean()),
-            **{
-                n: float((member_pred[k] == labels).float().mean())
-                for k, n in enumerate(conf.member_keys)
-            },
-        }
-        ok = unc[pred == labels]
-        if len(ok) >= 3:
-            conf.review_threshold = float(torch.quantile(ok, cfg.review_quantile))
-        report["review_threshold"] = conf.review_threshold
-    if calib:
-        maps: dict[str, list[np.ndarray]] = {n: [] for n in [*conf.member_keys, "_min", "_mean"]}
-        truths = []
-        cds = ImageDataset(calib, conf.classes, conf.image_size)
-        for i, s in enumerate(calib):
-            truth = load_masks([s])[0]
-            out = ensemble.predict(cds[i][0][None], seed=cfg.seed)
-            stack = torch.stack([c[0, cds.labels[i]] for c in out.cams])
-            m = normalize_maps(resize_maps(stack, truth.shape)).numpy()
-            for k, n in enumerate(conf.member_keys):
-                maps[n].append(m[k])
-            maps["_min"].append(m.min(0))
-            maps["_mean"].append(m.mean(0))
-            truths.append(truth)
-        found = {n: calibrate_threshold(v, truths) for n, v in maps.items()}
-        conf.member_thresholds = {n: found[n][0] for n in conf.member_keys}
-        conf.intersection_threshold = found["_min"][0]
-        conf.mean_threshold = found["_mean"][0]
-        report["calibration"] = {
-            "images": [s.name for s in calib],
-            "thresholds": {n: t for n, (t, _) in found.items()},
-            "miou": {n: m for n, (_, m) in found.items()},
-        }
-    return report
+def load_previous(member: Member, previous: Member) -> None:
+    """Start from a previous version's member; a version without a decoder leaves ours fresh."""
+    missing, unexpected = member.load_state_dict(previous.state_dict(), strict=False)
+    if any(not k.startswith("decoder.") for k in missing + unexpected):
+        raise ValueError(f"{member.name}: previous weights do not fit ({missing + unexpected})")
 
 
 def compatible(previous: Ensemble | None, ens_cfg: EnsembleConfig) -> bool:
-    """Whether a previous version's weights can initialise this configuration (fine-tuning)."""
+    """Whether a previous version's weights can initialise this configuration (fine-tuning).
+
+    A decoder is not required of the previous version: its classifiers still start ours."""
     if previous is None:
         return False
     p = previous.config
@@ -432,21 +303,30 @@ def pseudo_targets(
     return out
 
 
+def human_targets(
+    train_s: list[Sample], ens_cfg: EnsembleConfig, cfg: TrainConfig
+) -> list[np.ndarray | None]:
+    """The human masks of training images (``cfg.train_masks``) of mask classes or unlabelled."""
+    size = tuple(ens_cfg.image_size)
+    wanted = set(ens_cfg.mask_classes or ens_cfg.classes)
+    return [
+        human_target(s, size) if (s.label in wanted or not s.label) and cfg.train_masks
+        else None
+        for s in train_s
+    ]  # fmt: skip
+
+
 def _pixel_train_set(
     train_s: list[Sample],
     ens_cfg: EnsembleConfig,
     cfg: TrainConfig,
     teacher: Ensemble | None,
+    human: list[np.ndarray | None],
     augment: bool = True,
 ) -> tuple[ImageDataset, dict[str, int]]:
     """Human masks where they exist, pseudo-masks (from ``teacher``) elsewhere."""
     size = tuple(ens_cfg.image_size)
-    wanted = set(ens_cfg.mask_classes or ens_cfg.classes)
-    targets: list[np.ndarray | None] = [
-        human_target(s, size) if (s.label in wanted or not s.label) and cfg.train_masks
-        else None
-        for s in train_s
-    ]  # fmt: skip
+    targets = list(human)
     kinds = [HUMAN if t is not None else NO_TARGET for t in targets]
     rest = [i for i, t in enumerate(targets) if t is None]
     if teacher is not None and cfg.pseudo_weight > 0 and rest:
@@ -494,9 +374,10 @@ def train_ensemble(
     if len({s.label for s in train_s if s.label}) < 2:
         raise DatasetError("training needs labelled images of at least two classes")
     size = tuple(ens_cfg.image_size)
-    train_ds, pixel_counts = _pixel_train_set(train_s, ens_cfg, cfg, init, cfg.augment)
+    human = human_targets(train_s, ens_cfg, cfg)
+    train_ds, pixel_counts = _pixel_train_set(train_s, ens_cfg, cfg, init, human, cfg.augment)
     val_ds = ImageDataset(held, ens_cfg.classes, size)
-    calib = _calibration_samples(held, cfg.calibration_images, ens_cfg.mask_classes)
+    calib = calibration_samples(held, cfg.calibration_images, ens_cfg.mask_classes)
     calib_set = None
     if cfg.select == "localization" and calib:
         cds = ImageDataset(calib, ens_cfg.classes, size)
@@ -509,18 +390,32 @@ def train_ensemble(
         seed_everything(cfg.seed + k)
         w = Weights("none") if fine_tune else weights_for(name, cfg.weights)
         member = build_member(
-            name, len(ens_cfg.classes), w, ens_cfg.dropout, ens_cfg.output_stride, ens_cfg.localizer
+            name,
+            len(ens_cfg.classes),
+            w,
+            ens_cfg.dropout,
+            ens_cfg.output_stride,
+            ens_cfg.localizer,
+            ens_cfg.decoder,
         )
         if fine_tune:
-            member.load_state_dict(init.members[k].state_dict())
+            load_previous(member, init.members[k])
         pretrained = fine_tune or w.source != "none"
         reports[f"{k}-{name}"] = train_member(
             member, train_ds, val_ds, cfg, pretrained, calib_set, cam, mask_class
         )
         members.append(member)
     ensemble = Ensemble(members, ens_cfg)
-    # Under torchrun only rank 0 calibrates: the others' ensembles are never saved.
-    measured = calibrate(ensemble, val_ds, calib, cfg) if distributed.is_main() else {}
+    decoders: dict[str, Any] = {}
+    # Under torchrun only rank 0 trains the decoders and calibrates: the others' ensembles
+    # are never saved.
+    if ens_cfg.decoder and distributed.is_main():
+        decoders = train_decoders(ensemble, train_s, human, cfg, resolve_device(cfg.device))
+    measured = (
+        calibrate(ensemble, val_ds, calib, cfg.seed, cfg.review_quantile)
+        if distributed.is_main()
+        else {}
+    )
     metrics = {
         "fine_tuned": fine_tune,
         "world_size": distributed.world_size(),
@@ -530,6 +425,7 @@ def train_ensemble(
         **pixel_counts,
         **measured,
         "members": reports,
+        "decoders": decoders,
         "train_config": asdict(cfg),
     }
     return ensemble, metrics

@@ -145,6 +145,7 @@ class ModelStore:
                 config.dropout,
                 config.output_stride,
                 config.localizer,
+                config.decoder,
             )
             member.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
             members.append(member.eval())

@@ -1,0 +1,202 @@
+"""The full-resolution decoder: seeds, affinity, negative evidence, old versions, and masks
+that follow the image on synthetic disks from image labels only."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from wsl_models.data import load_dataset
+from wsl_models.decoder_training import (
+    affinity_loss,
+    area_loss,
+    sample_seeds,
+    seed_regions,
+)
+from wsl_models.ensemble import Ensemble, EnsembleConfig
+from wsl_models.evaluation import evaluate, format_table
+from wsl_models.images import open_image, open_mask, to_tensor
+from wsl_models.members import build_member
+from wsl_models.supervision import IGNORE
+from wsl_models.synthetic import make_dataset
+from wsl_models.training import TrainConfig, train_ensemble
+from wsl_models.versions import MANIFEST, ModelStore
+
+SIZE = 128
+
+
+def test_seed_regions_are_disjoint_and_come_from_the_right_ends_of_the_maps():
+    yy, xx = np.mgrid[0:40, 0:40]
+    fg_map = np.exp(-((yy - 20) ** 2 + (xx - 20) ** 2) / 60.0)  # a bump in the middle
+    fg, bg = seed_regions(fg_map, fg_map, erode=1, bg_fraction=0.3)
+    assert fg.any() and bg.any() and not (fg & bg).any()
+    assert fg[20, 20] and not fg[0, 0]  # the peak, not the corner
+    assert bg[0, 0] and not bg[20, 20]
+    assert abs(bg.mean() - 0.3) < 0.05  # the 30 % lowest pixels
+    assert fg_map[fg].min() > fg_map[bg].max()
+    # Erosion shrinks the foreground but never empties it.
+    plain, _ = seed_regions(fg_map, fg_map, erode=0, bg_fraction=0.3)
+    assert fg.sum() < plain.sum() and (fg <= plain).all()
+    tiny = np.zeros((40, 40))
+    tiny[5, 5] = 1.0
+    single, _ = seed_regions(tiny, tiny, erode=3, bg_fraction=0.3)
+    assert single[5, 5] and single.sum() == 1
+    # A constant map says nothing: no foreground seeds.
+    flat, _ = seed_regions(np.full((8, 8), 0.5), np.full((8, 8), 0.5), 1, 0.3)
+    assert not flat.any()
+
+
+def test_sample_seeds_draws_the_requested_counts_inside_the_regions():
+    rng = np.random.default_rng(0)
+    fg = np.zeros((30, 30), bool)
+    fg[10:20, 10:20] = True
+    bg = np.zeros((30, 30), bool)
+    bg[:5] = True
+    t = sample_seeds(fg, bg, 7, 5, rng)
+    assert (t == 1).sum() == 7 and (t == 0).sum() == 5
+    assert fg[t == 1].all() and bg[t == 0].all()
+    assert ((t == IGNORE) | fg | bg).all()
+    again = sample_seeds(fg, bg, 7, 5, rng)
+    assert not np.array_equal(t, again)  # re-drawn each epoch
+    few = sample_seeds(fg, np.zeros_like(bg), 500, 5, rng)  # more than the region holds
+    assert (few == 1).sum() == fg.sum() and (few == 0).sum() == 0
+
+
+def test_affinity_prefers_boundaries_on_colour_edges():
+    image = torch.zeros(1, 3, 16, 16)
+    image[..., 8:] = 1.0  # a colour edge between columns 7 and 8
+    on_edge = torch.zeros(1, 1, 16, 16)
+    on_edge[..., 8:] = 1.0
+    off_edge = torch.zeros(1, 1, 16, 16)
+    off_edge[..., 4:] = 1.0  # cuts through the uniform left half
+    constant = torch.full((1, 1, 16, 16), 1.0)
+    dil = (1, 2)
+    assert affinity_loss(constant, image, 0.1, dil) == pytest.approx(0.0, abs=1e-6)
+    assert affinity_loss(on_edge, image, 0.1, dil) < 1e-3
+    assert affinity_loss(off_edge, image, 0.1, dil) > 0.05
+    # It is differentiable in the probabilities and pulls them towards the edge.
+    # Differentiable: a few gradient steps on logits lower it.
+    logits = (off_edge * 4 - 2).requires_grad_(True)
+    opt = torch.optim.SGD([logits], lr=50.0)
+    start = float(affinity_loss(torch.sigmoid(logits), image, 0.1, dil))
+    for _ in range(5):
+        opt.zero_grad()
+        affinity_loss(torch.sigmoid(logits), image, 0.1, dil).backward()
+        opt.step()
+    assert float(affinity_loss(torch.sigmoid(logits), image, 0.1, dil)) < start
+
+
+def test_area_prior_is_zero_inside_the_range_and_grows_outside():
+    p = torch.full((2, 1, 8, 8), 0.3)
+    assert float(area_loss(p, 0.1, 0.9)) == 0.0
+    assert float(area_loss(torch.zeros(1, 1, 8, 8), 0.1, 0.9)) == pytest.approx(0.1)
+    assert float(area_loss(torch.ones(1, 1, 8, 8), 0.1, 0.9)) == pytest.approx(0.1)
+
+
+@pytest.fixture(scope="module")
+def disks(tmp_path_factory):
+    root = tmp_path_factory.mktemp("disks")
+    return load_dataset(make_dataset(root, {"train": 24, "test": 8}, (SIZE, SIZE), 0, "disks"))
+
+
+@pytest.fixture(scope="module")
+def weak(disks):
+    """Image labels only: the masks/ folder is there for calibration and scoring, not training."""
+    cfg = EnsembleConfig(
+        list(disks.classes), ["tiny", "tiny"], (SIZE, SIZE), mask_classes=["lesion"]
+    )
+    tcfg = TrainConfig(epochs=25, lr=3e-3, weights="none", progress=False)
+    return train_ensemble(disks, cfg, tcfg)
+
+
+def _ious(ensemble: Ensemble, ds, source: str) -> list[float]:
+    lesions = [s for s in ds.split("test") if s.label == "lesion"]
+    x = torch.stack([to_tensor(open_image(s.image), ensemble.config.image_size) for s in lesions])
+    out = ensemble.predict(x, seed=0)
+    ious = []
+    for i, s in enumerate(lesions):
+        truth = open_mask(s.mask)
+        res = ensemble.masks(out, i, truth.shape, source=source)
+        mask = res.mask if res.mask is not None else np.zeros_like(truth)
+        ious.append(float((mask & truth).sum() / max((mask | truth).sum(), 1)))
+    return ious
+
+
+def test_decoder_masks_follow_synthetic_disks_from_image_labels_only(disks, weak):
+    ensemble, metrics = weak
+    assert metrics["human_masks"] == 0 and metrics["train_config"]["train_masks"] is False
+    assert metrics["decoders"]["seeded"] > 0 and metrics["decoders"]["negative"] > 0
+    decoder, cam = _ious(ensemble, disks, "decoder"), _ious(ensemble, disks, "cam")
+    print(f"\nmean IoU on disks: decoder {np.mean(decoder):.3f}, CAM {np.mean(cam):.3f}")
+    assert np.mean(decoder) >= 0.6
+    assert np.mean(decoder) > np.mean(cam)
+    assert ensemble.config.map_source == "decoder"
+    # The decoder's map is at 1/2 of the input for the tiny member (its finest tap).
+    x = torch.rand(1, 3, SIZE, SIZE)
+    assert ensemble.predict(x).decoder_maps[0].shape == (1, 1, SIZE // 2, SIZE // 2)
+
+
+def test_negative_evidence_keeps_normal_images_dark(disks, weak):
+    ensemble, _ = weak
+    normal = [s for s in disks.split("test") if s.label == "normal"]
+    lesion = [s for s in disks.split("test") if s.label == "lesion"]
+
+    def peak(samples):
+        x = torch.stack([to_tensor(open_image(s.image), (SIZE, SIZE)) for s in samples])
+        out = ensemble.predict(x, seed=0)
+        return torch.stack([d[:, 0].flatten(1).amax(1) for d in out.decoder_maps]).mean(0)
+
+    assert float(peak(normal).mean()) < 0.5 < float(peak(lesion).mean())
+
+
+def test_evaluate_reports_every_source_under_both_protocols(disks, weak):
+    ensemble, _ = weak
+    native = evaluate(ensemble, disks, "test", progress=False)
+    survey = evaluate(ensemble, disks, "test", progress=False, protocol="survey")
+    assert set(native["by_source"]) == {"cam", "decoder", "baselines"}
+    assert survey["eval_size"] == [224, 224] and native["eval_size"] == "native"
+    for result in (native, survey):
+        dec = result["by_source"]["decoder"]["intersection"]
+        base = result["by_source"]["baselines"]["baseline_gaussian"]
+        assert dec["pxap"] > base["pxap"] and dec["dice_fg"] > base["dice_fg"]
+    text = format_table(survey)
+    assert "decoder intersection" in text and "cam intersection" in text and "survey" in text
+    with pytest.raises(ValueError, match="protocol"):
+        evaluate(ensemble, disks, "test", progress=False, protocol="paper")
+    with pytest.raises(ValueError, match="not available"):
+        evaluate(ensemble, disks, "test", progress=False, sources=["localizer"])
+
+
+def test_human_masks_train_the_decoder_with_pseudo_masks_for_the_rest(disks):
+    cfg = EnsembleConfig(list(disks.classes), ["tiny"], (SIZE, SIZE), mask_classes=["lesion"])
+    tcfg = TrainConfig(epochs=3, decoder_epochs=6, weights="none", progress=False, train_masks=True)
+    _, metrics = train_ensemble(disks, cfg, tcfg)
+    report = metrics["decoders"]
+    assert report["human_masks"] > 0
+    assert report["seeded"] == 0  # every lesion image of train has its mask here
+    assert report["0-tiny"]["epochs"] == 6
+    assert metrics["train_config"]["decoder_mask_weight"] == tcfg.decoder_mask_weight
+
+
+def test_a_version_saved_before_decoders_still_loads_and_serves(tmp_path):
+    torch.manual_seed(0)
+    cfg = EnsembleConfig(["a", "b"], ["tiny"], (64, 64), decoder=False, map_source="cam")
+    store = ModelStore(tmp_path)
+    vid = store.save(Ensemble([build_member("tiny", 2)], cfg), {})
+    path = tmp_path / "versions" / vid / MANIFEST
+    manifest = json.loads(path.read_text())
+    for key in ("decoder", "map_source", "decoder_threshold"):  # what old manifests lack
+        manifest["config"].pop(key)
+    path.write_text(json.dumps(manifest))
+    loaded = store.load(vid)
+    assert loaded.config.decoder is False and loaded.config.map_source == "cam"
+    assert loaded.members[0].decoder is None
+    out = loaded.predict(torch.rand(2, 3, 64, 64), seed=0)
+    assert out.decoder_maps == []
+    res = loaded.masks(out, 0, (50, 70))
+    assert res.member_maps["0-tiny"].shape == (50, 70)
+    with pytest.raises(ValueError, match="no decoder"):
+        loaded.masks(out, 0, (50, 70), source="decoder")
+    with pytest.raises(ValueError, match="needs members with a decoder"):
+        EnsembleConfig(["a", "b"], ["tiny"], decoder=False, map_source="decoder")

@@ -1,0 +1,111 @@
+"""Training settings, stored in every version's metrics, and the device/seed helpers."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from . import distributed
+from .members import Weights
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 20
+    batch_size: int = 16
+    lr: float = 1e-3
+    backbone_lr_factor: float | None = None  # None: 0.1 when pretrained, 1.0 from scratch
+    weight_decay: float = 1e-4
+    patience: int = 6
+    val_fraction: float = 0.15
+    seed: int = 0
+    weights: str = "imagenet"  # imagenet | none | PATH | "member=value,member=value"
+    freeze_bn: bool | None = None  # None: frozen when pretrained
+    calibration_images: int = 6
+    review_quantile: float = 0.9
+    # Checkpoint selection: "loss" (validation loss), "localization" (PxAP of the member's
+    # CAM on the pixel-labelled calibration images: the Survey's B-LOC rule), "last" (the final
+    # epoch), or "auto": "last" when pixel targets are used (the classification loss says
+    # nothing about the masks being learned), else "loss".
+    select: str = "auto"
+    device: str = "auto"
+    progress: bool = True
+    # Pixel supervision (supervision.py). Loss = CE + mask_weight * BCE(class map, human mask)
+    # + pseudo_weight * BCE(class map, pseudo-mask). Pseudo-masks come from the previous
+    # version's consensus map: >= pseudo_fg foreground, <= pseudo_bg background, between ignored.
+    # train_masks: whether masks of *training* images supervise pixels (the Label Studio job:
+    # yes, they are the annotators' masks). Off by default so a dataset's masks/ folder, there
+    # for evaluation and calibration, never silently turns weak supervision into full.
+    train_masks: bool = False
+    mask_weight: float = 5.0  # 5 beat 1 on GlaS (Dice-AUC 59.2 vs 58.3; +pseudo 60.9 vs 59.3)
+    pseudo_weight: float = 0.1  # 0: no pseudo-masks
+    pseudo_fg: float = 0.7
+    pseudo_bg: float = 0.3
+    # The min-max entropy localizer (members get a localizer head; see supervision.py).
+    minmax: bool = False
+    minmax_weight: float = 1.0
+    minmax_area: tuple[float, float] = (0.1, 0.9)
+    augment: bool = True  # random flips, crops and colour jitter of training images
+    # Mixed precision: "auto" (on for CUDA: bfloat16, or float16 with loss scaling where the
+    # GPU has no bfloat16), "on" (CUDA only), "off". Nothing changes on CPU.
+    amp: str = "auto"
+    # The decoder (decoder_training.py), trained after the classifiers with them frozen, on
+    # cached taps. Seeds: per image and epoch, decoder_seed_fg pixels drawn where the agreeing
+    # members' consensus CAM (min) is above its Otsu threshold (eroded decoder_seed_erode
+    # cells), decoder_seed_bg pixels among the decoder_seed_bg_fraction lowest of their max.
+    decoder_epochs: int = 60
+    decoder_lr: float = 3e-3
+    decoder_batch_size: int = 16
+    decoder_seed_fg: int = 16
+    decoder_seed_bg: int = 16
+    decoder_seed_bg_fraction: float = 0.3
+    decoder_seed_erode: int = 1
+    decoder_seed_weight: float = 1.0
+    # Pairwise colour affinity (a local CRF-like term): neighbours at these offsets whose
+    # colours differ by ~sigma or less are pushed to the same label.
+    decoder_affinity_weight: float = 1.0
+    decoder_affinity_sigma: float = 0.1  # RGB distance, colours in [0, 1]
+    decoder_affinity_dilations: tuple[int, ...] = (1, 2, 4)
+    # Area prior on images of mask classes: the mean foreground probability inside this range.
+    decoder_area: tuple[float, float] = (0.02, 0.95)
+    decoder_area_weight: float = 1.0
+    # Negative evidence: images of classes that get no mask are all background.
+    decoder_negative_weight: float = 1.0
+    # Human masks (full pixel loss) and, once there are any, pseudo-masks for the other images
+    # from the decoder's own confident regions (>= pseudo_fg, <= pseudo_bg; the band ignored),
+    # refreshed every epoch after decoder_pseudo_start of the epochs.
+    decoder_mask_weight: float = 1.0
+    decoder_pseudo_weight: float = 0.3
+    decoder_pseudo_start: float = 0.5
+
+
+def resolve_device(name: str) -> torch.device:
+    """auto: CUDA when available. Under torchrun with CUDA: this process's GPU, LOCAL_RANK."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' requested but no CUDA device is available")
+    if name == "cuda" and distributed.is_distributed():
+        return torch.device("cuda", distributed.local_rank())
+    return torch.device(name)
+
+
+def weights_for(member: str, spec: str) -> Weights:
+    """``imagenet`` for all, or ``resnet50=/path.pth,densenet121=none`` per member."""
+    if "=" not in spec:
+        w = Weights.parse(spec)
+        # Members without ImageNet weights (the tiny test member) train from scratch.
+        if w.source == "imagenet" and member == "tiny":
+            return Weights("none")
+        return w
+    table = dict(item.split("=", 1) for item in spec.split(",") if item)
+    return Weights.parse(table.get(member, "imagenet"))
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)

@@ -14,6 +14,7 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -160,6 +161,41 @@ def _unannotated(api: LabelStudioAPI, project_id: int, limit: int) -> list[dict]
     return found[:limit]
 
 
+def job_configs(
+    classes: Sequence[str],
+    mask_classes: list[str] | None,
+    train: TrainingSettings,
+    settings: Settings,
+) -> tuple[EnsembleConfig, TrainConfig]:
+    """What a training job from annotations trains: the annotators' masks count (full pixel
+    loss), the rest learn through pseudo-masks; a decoder unless TRAIN_DECODER=0."""
+    ens_cfg = EnsembleConfig(
+        classes=list(classes),
+        members=[m for m in train.members.split(",") if m],
+        image_size=parse_size(train.image_size),
+        mask_classes=mask_classes,
+        localizer=train.minmax,
+        decoder=train.decoder,
+        map_source="decoder" if train.decoder else "cam",
+    )
+    cfg = TrainConfig(
+        device=settings.device,  # DEVICE=cpu keeps training off a GPU too
+        amp=settings.amp,
+        epochs=train.epochs,
+        lr=train.lr,
+        weights=train.weights,
+        progress=False,
+        train_masks=True,
+        mask_weight=train.mask_weight,
+        pseudo_weight=train.pseudo_weight,
+        pseudo_fg=train.pseudo_fg,
+        pseudo_bg=train.pseudo_bg,
+        minmax=train.minmax,
+        decoder_epochs=train.decoder_epochs,
+    )
+    return ens_cfg, cfg
+
+
 def train_from_project(
     settings: Settings, project_id: int, train: TrainingSettings
 ) -> tuple[str, bool]:
@@ -193,30 +229,7 @@ def train_from_project(
         dataset = load_dataset(work)
         schema = parse_label_config(project["label_config"])
         masked = [c for c in dataset.classes if c in schema.brush_labels] or None
-        ens_cfg = EnsembleConfig(
-            classes=list(dataset.classes),
-            members=[m for m in train.members.split(",") if m],
-            image_size=parse_size(train.image_size),
-            mask_classes=masked,
-            localizer=train.minmax,
-            decoder=train.decoder,
-            map_source="decoder" if train.decoder else "cam",
-        )
-        cfg = TrainConfig(
-            device=settings.device,  # DEVICE=cpu keeps training off a GPU too
-            amp=settings.amp,
-            epochs=train.epochs,
-            lr=train.lr,
-            weights=train.weights,
-            progress=False,
-            train_masks=True,
-            mask_weight=train.mask_weight,
-            pseudo_weight=train.pseudo_weight,
-            pseudo_fg=train.pseudo_fg,
-            pseudo_bg=train.pseudo_bg,
-            minmax=train.minmax,
-            decoder_epochs=train.decoder_epochs,
-        )
+        ens_cfg, cfg = job_configs(dataset.classes, masked, train, settings)
         ensemble, metrics = train_ensemble(dataset, ens_cfg, cfg, init=previous)
         metrics["fine_tuned_from"] = current if metrics["fine_tuned"] else None
         metrics["source"] = {"project": project_id, **counts}

@@ -11,6 +11,7 @@ from wsl_models.data import load_dataset
 from wsl_models.decoder_training import (
     affinity_loss,
     area_loss,
+    pair_weights,
     sample_seeds,
     seed_regions,
 )
@@ -71,20 +72,20 @@ def test_affinity_prefers_boundaries_on_colour_edges():
     off_edge = torch.zeros(1, 1, 16, 16)
     off_edge[..., 4:] = 1.0  # cuts through the uniform left half
     constant = torch.full((1, 1, 16, 16), 1.0)
-    dil = (1, 2)
-    assert affinity_loss(constant, image, 0.1, dil) == pytest.approx(0.0, abs=1e-6)
-    assert affinity_loss(on_edge, image, 0.1, dil) < 1e-3
-    assert affinity_loss(off_edge, image, 0.1, dil) > 0.05
+    dil = pair_weights(image, 0.1, (1, 2))
+    assert affinity_loss(constant, dil) == pytest.approx(0.0, abs=1e-6)
+    assert affinity_loss(on_edge, dil) < 1e-3
+    assert affinity_loss(off_edge, dil) > 0.05
     # It is differentiable in the probabilities and pulls them towards the edge.
     # Differentiable: a few gradient steps on logits lower it.
     logits = (off_edge * 4 - 2).requires_grad_(True)
     opt = torch.optim.SGD([logits], lr=50.0)
-    start = float(affinity_loss(torch.sigmoid(logits), image, 0.1, dil))
+    start = float(affinity_loss(torch.sigmoid(logits), dil))
     for _ in range(5):
         opt.zero_grad()
-        affinity_loss(torch.sigmoid(logits), image, 0.1, dil).backward()
+        affinity_loss(torch.sigmoid(logits), dil).backward()
         opt.step()
-    assert float(affinity_loss(torch.sigmoid(logits), image, 0.1, dil)) < start
+    assert float(affinity_loss(torch.sigmoid(logits), dil)) < start
 
 
 def test_area_prior_is_zero_inside_the_range_and_grows_outside():
@@ -132,6 +133,10 @@ def test_decoder_masks_follow_synthetic_disks_from_image_labels_only(disks, weak
     assert np.mean(decoder) >= 0.6
     assert np.mean(decoder) > np.mean(cam)
     assert ensemble.config.map_source == "decoder"
+    # Held-out pixel-labelled images calibrated the decoder's threshold (default 0.5 otherwise).
+    found = metrics["calibration"]["thresholds"]["decoder"]
+    assert ensemble.config.decoder_threshold == found["_min"]
+    assert set(metrics["calibration"]["thresholds"]) == {"cam", "decoder"}
     # The decoder's map is at 1/2 of the input for the tiny member (its finest tap).
     x = torch.rand(1, 3, SIZE, SIZE)
     assert ensemble.predict(x).decoder_maps[0].shape == (1, 1, SIZE // 2, SIZE // 2)

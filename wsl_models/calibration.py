@@ -64,19 +64,24 @@ def mask_thresholds(ensemble: Ensemble, calib: list[Sample], seed: int) -> dict[
     conf = ensemble.config
     cds = ImageDataset(calib, conf.classes, conf.image_size)
     truths = load_masks(calib)
-    found: dict[str, dict[str, tuple[float, float]]] = {}
-    for source in conf.sources:
-        maps: dict[str, list[np.ndarray]] = {n: [] for n in [*conf.member_keys, "_min", "_mean"]}
-        for i, truth in enumerate(truths):
-            out = ensemble.predict(cds[i][0][None], seed=seed)
+    keys = [*conf.member_keys, "_min", "_mean"]
+    maps: dict[str, dict[str, list[np.ndarray]]] = {
+        src: {n: [] for n in keys} for src in conf.sources
+    }
+    for i, truth in enumerate(truths):
+        out = ensemble.predict(cds[i][0][None], seed=seed)
+        for source in conf.sources:
             res = ensemble.masks(out, 0, truth.shape, label=cds.labels[i], source=source)
             for n in conf.member_keys:
-                maps[n].append(res.member_maps[n])
+                maps[source][n].append(res.member_maps[n])
             # The consensus over every member (calibration images are of the true class).
             stack = np.stack([res.member_maps[n] for n in conf.member_keys])
-            maps["_min"].append(stack.min(0))
-            maps["_mean"].append(stack.mean(0))
-        found[source] = {n: calibrate_threshold(v, truths) for n, v in maps.items()}
+            maps[source]["_min"].append(stack.min(0))
+            maps[source]["_mean"].append(stack.mean(0))
+    found = {
+        src: {n: calibrate_threshold(v, truths) for n, v in by_key.items()}
+        for src, by_key in maps.items()
+    }
     cam = found["cam"]
     conf.member_thresholds = {n: cam[n][0] for n in conf.member_keys}
     conf.intersection_threshold = cam["_min"][0]

@@ -81,27 +81,37 @@ def _pairs(t: torch.Tensor, dy: int, dx: int) -> tuple[torch.Tensor, torch.Tenso
     return a, b
 
 
-def affinity_loss(
-    probs: torch.Tensor, image: torch.Tensor, sigma: float, dilations: Sequence[int]
-) -> torch.Tensor:
-    """Colour-weighted disagreement of neighbouring pixels (a local dense-CRF relaxation).
+Offsets = list[tuple[int, int, torch.Tensor]]
 
-    probs (B, 1, h, w) foreground probability; image (B, 3, h, w) in [0, 1]. For each pixel
-    pair at the offsets (d, 0), (0, d), (d, d), (d, -d): w = exp(-|I_a - I_b|^2 / 2 sigma^2)
-    and the Potts relaxation p_a (1 - p_b) + p_b (1 - p_a); the weighted mean of it.
-    """
-    total = probs.new_zeros(())
-    norm = probs.new_zeros(())
+
+def pair_weights(image: torch.Tensor, sigma: float, dilations: Sequence[int]) -> Offsets:
+    """For each offset (d, 0), (0, d), (d, d), (d, -d): exp(-|I_a - I_b|^2 / 2 sigma^2) of every
+    pixel pair (B, 1, ...). They depend on the image only: computed once per training run."""
+    out: Offsets = []
     for d in dilations:
         for dy, dx in ((0, d), (d, 0), (d, d), (d, -d)):
-            if dy >= probs.shape[-2] or abs(dx) >= probs.shape[-1]:
+            if dy >= image.shape[-2] or abs(dx) >= image.shape[-1]:
                 continue
-            pa, pb = _pairs(probs, dy, dx)
             ia, ib = _pairs(image, dy, dx)
-            w = torch.exp(-((ia - ib) ** 2).sum(1, keepdim=True) / (2 * sigma**2))
-            total = total + (w * (pa * (1 - pb) + pb * (1 - pa))).sum()
-            norm = norm + w.sum()
+            out.append((dy, dx, torch.exp(-((ia - ib) ** 2).sum(1, keepdim=True) / (2 * sigma**2))))
+    return out
+
+
+def affinity_loss(probs: torch.Tensor, weights: Offsets) -> torch.Tensor:
+    """Colour-weighted disagreement of neighbouring pixels (a local dense-CRF relaxation):
+    the ``pair_weights``-weighted mean of the Potts relaxation p_a (1 - p_b) + p_b (1 - p_a).
+    probs (B, 1, h, w) foreground probability, on the grid the weights were made on."""
+    total = probs.new_zeros(())
+    norm = probs.new_zeros(())
+    for dy, dx, w in weights:
+        pa, pb = _pairs(probs, dy, dx)
+        total = total + (w * (pa * (1 - pb) + pb * (1 - pa))).sum()
+        norm = norm + w.sum()
     return total / norm.clamp_min(1e-6)
+
+
+def _select(weights: Offsets, idx: torch.Tensor) -> Offsets:
+    return [(dy, dx, w[idx]) for dy, dx, w in weights]
 
 
 def area_loss(probs: torch.Tensor, low: float, high: float) -> torch.Tensor:
@@ -234,6 +244,7 @@ def train_decoder(
     n = len(images)
     grid = tuple(taps[0].shape[-2:])
     small = F.interpolate(images, size=grid, mode="area").to(device)
+    weights = pair_weights(small, cfg.decoder_affinity_sigma, cfg.decoder_affinity_dilations)
     decoder = member.decoder
     opt = torch.optim.Adam(decoder.parameters(), lr=cfg.decoder_lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(cfg.decoder_epochs, 1))
@@ -269,13 +280,14 @@ def train_decoder(
             idx = idx.to(device)
             dims = [d for d, p in ((-1, 0.5), (-2, 0.5)) if torch.rand(1, generator=gen) < p]
             batch_taps = _flip([t[idx] for t in taps], dims)
-            img, seed_t, hum = _flip([small[idx], seeds[idx], human[idx]], dims)
+            seed_t, hum = _flip([seeds[idx], human[idx]], dims)
             logits = decoder(batch_taps)
             probs = torch.sigmoid(logits)
             loss = cfg.decoder_seed_weight * masked_bce(logits[:, 0], seed_t)
-            if cfg.decoder_affinity_weight > 0:
+            if cfg.decoder_affinity_weight > 0:  # on the unflipped grid its weights were made on
+                (upright,) = _flip([probs], dims)
                 loss = loss + cfg.decoder_affinity_weight * affinity_loss(
-                    probs, img, cfg.decoder_affinity_sigma, cfg.decoder_affinity_dilations
+                    upright, _select(weights, idx)
                 )
             pos = wanted[idx] & ~has_human[idx]
             if cfg.decoder_area_weight > 0 and pos.any():

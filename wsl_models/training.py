@@ -283,7 +283,7 @@ def compatible(previous: Ensemble | None, ens_cfg: EnsembleConfig) -> bool:
 def pseudo_targets(
     ensemble: Ensemble, samples: list[Sample], cfg: TrainConfig, batch_size: int = 16
 ) -> list[np.ndarray | None]:
-    """Pseudo-masks from ``ensemble``'s consensus (its intersection map) at its input size.
+    """Pseudo-masks from ``ensemble``'s CAM consensus (its intersection map) at its input size.
 
     The map of the image's label (or, unlabelled, of the predicted class); None for images
     of classes that get no masks (their class map is not a foreground).
@@ -297,7 +297,9 @@ def pseudo_targets(
         pred = ensemble.predict(torch.stack([ds[j][0] for j in idx]), seed=cfg.seed)
         for b, j in enumerate(idx):
             label = ds.labels[j] if ds.labels[j] >= 0 else int(pred.label[b])
-            masks = ensemble.masks(pred, b, size, label=label)
+            # The CAM consensus: these targets train the CAM itself (as measured in the
+            # learning-curve bench); the decoder makes its own pseudo-masks.
+            masks = ensemble.masks(pred, b, size, label=label, source="cam")
             out.append(pseudo_target(masks.intersection_map, cfg.pseudo_fg, cfg.pseudo_bg)
                        if masks.wanted else None)  # fmt: skip
     return out

@@ -62,6 +62,10 @@ bench: setup labelstudio
 	$(PY) bench/rank_throughput.py --tasks 10000 --out bench/results/rank_throughput.json
 	$(PY) bench/learning_curve.py --data $(DATA) \
 		--settings random,entropy,random+pseudo,bald,full,random+pseudo+minmax --rounds 4 --k 8
+	$(PY) bench/localization.py --data $(DATA) --out bench/results/decoder --configs lite:224,lite:448x320
+	$(PY) bench/learning_curve.py --data $(DATA) --settings random,random+pseudo --rounds 4 --k 8 \
+		--mask-weight 5 --out bench/results/learning_curve_decoder
+	$(PY) bench/job_time.py --data $(DATA) --out bench/results/job_time.json
 
 clean:
 	rm -rf $(VENV) $(LSVENV) runs .pytest_cache .ruff_cache

@@ -98,6 +98,20 @@ def test_cli_train_and_evaluate(synth_dir, tmp_path, capsys):
     assert len(list(overlays.glob("*.png"))) == 16
     assert "pxap" in capsys.readouterr().out
     assert len(ModelStore(model).version_ids()) == 1
+    # New versions carry a decoder and serve its maps; evaluate shows both sources.
+    assert result["map_source"] == "decoder" and set(result["by_source"]) == {
+        "cam", "decoder", "baselines"
+    }  # fmt: skip
+    survey = tmp_path / "survey.json"
+    base = ["evaluate", "--data", str(synth_dir), "--model", str(model)]
+    assert main([*base, "--protocol", "survey", "--sources", "cam", "--json", str(survey)]) == 0
+    result = json.loads(survey.read_text())
+    assert result["eval_size"] == [224, 224] and set(result["by_source"]) == {"cam", "baselines"}
+    # --no-decoder: a CAM-only version, as before the decoder.
+    assert main(["train", *args, "--image-size", "64", "--weights", "none", "--no-decoder"]) == 0
+    store = ModelStore(model)
+    config = store.manifest(store.current_id())["config"]
+    assert config["decoder"] is False and config["map_source"] == "cam"
 
 
 def test_cli_errors_are_one_clear_line(synth_dir, tmp_path, capsys):

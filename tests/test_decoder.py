@@ -184,6 +184,18 @@ def test_human_masks_train_the_decoder_with_pseudo_masks_for_the_rest(disks):
     assert metrics["train_config"]["decoder_mask_weight"] == tcfg.decoder_mask_weight
 
 
+def test_a_decoder_leaves_the_classifier_init_and_the_rng_stream_alone():
+    torch.manual_seed(5)
+    plain = build_member("tiny", 2)
+    after_plain = torch.rand(3)
+    torch.manual_seed(5)
+    with_decoder = build_member("tiny", 2, decoder=True)
+    assert torch.equal(torch.rand(3), after_plain)  # the same batches will be drawn
+    a, b = plain.state_dict(), with_decoder.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(k.startswith("decoder.") for k in b) and not any(k.startswith("decoder.") for k in a)
+
+
 def test_a_version_saved_before_decoders_still_loads_and_serves(tmp_path):
     torch.manual_seed(0)
     cfg = EnsembleConfig(["a", "b"], ["tiny"], (64, 64), decoder=False, map_source="cam")

@@ -96,7 +96,12 @@ class Member(nn.Module):
         modules = dict(features.named_modules())
         for tap in self.taps:
             modules[tap].register_forward_hook(partial(_capture, tap))
-        self.decoder = FPNDecoder([*self._tap_channels(), channels]) if decoder else None
+        self.decoder = None
+        if decoder:
+            # Its initialisation draws from a fork of the global RNG: a member with a decoder
+            # trains its classifier exactly as one without (same init, same batch draws).
+            with torch.random.fork_rng(devices=[]):
+                self.decoder = FPNDecoder([*self._tap_channels(), channels])
 
     @property
     def target_layer(self) -> nn.Module:

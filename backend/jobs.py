@@ -176,7 +176,6 @@ def job_configs(
         mask_classes=mask_classes,
         localizer=train.minmax,
         decoder=train.decoder,
-        map_source="decoder" if train.decoder else "cam",
     )
     cfg = TrainConfig(
         device=settings.device,  # DEVICE=cpu keeps training off a GPU too

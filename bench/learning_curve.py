@@ -144,7 +144,6 @@ def train_base(ds: Dataset, args: argparse.Namespace, minmax: bool) -> Ensemble:
         image_size=parse_size(args.size),
         localizer=minmax,
         decoder=args.decoder,
-        map_source="decoder" if args.decoder else "cam",
     )
     tcfg = _train_config(args, args.init_epochs, minmax=minmax)
     t0 = time.perf_counter()

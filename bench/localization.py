@@ -43,7 +43,6 @@ def run_config(spec: str, args: argparse.Namespace) -> dict:
         output_stride=output_stride,
         cam_method=args.cam,
         decoder=args.decoder,
-        map_source="decoder" if args.decoder else "cam",
     )
     tcfg = TrainConfig(
         epochs=args.epochs,

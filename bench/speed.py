@@ -50,10 +50,7 @@ def make_ensemble(
             if isinstance(mod, torch.nn.BatchNorm2d):
                 mod.running_mean.uniform_(-0.2, 0.2)
                 mod.running_var.uniform_(0.5, 1.5)
-    source = "decoder" if decoder else "cam"
-    cfg = EnsembleConfig(
-        classes, members, size, mc_samples=samples, decoder=decoder, map_source=source
-    )
+    cfg = EnsembleConfig(classes, members, size, mc_samples=samples, decoder=decoder)
     return Ensemble(built, cfg)
 
 
@@ -280,15 +277,18 @@ def machine_info(args: argparse.Namespace) -> dict:
     }
 
 
+def _group(row: dict) -> str:
+    return "paper trio" if row["members"] == list(PAPER_TRIO) else "lite trio"
+
+
 def decoder_table(rows: list[dict]) -> str:
     out = [
         "| members | size | batch | floor ms/batch | floor + decoder ms/batch | added | decoder params |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        name = "paper trio" if r["members"] == list(PAPER_TRIO) else "lite trio"
         out.append(
-            f"| {name} | {r['size'][1]}x{r['size'][0]} | {r['batch']} | {1000 * r['floor_s']:.1f} "
+            f"| {_group(r)} | {r['size'][1]}x{r['size'][0]} | {r['batch']} | {1000 * r['floor_s']:.1f} "
             f"| {1000 * r['floor_decoder_s']:.1f} | {100 * (r['ratio'] - 1):+.1f} % "
             f"| {r['decoder_params'] / 1e3:.0f} k ({100 * r['decoder_params'] / r['backbone_params']:.1f} % of the backbones) |"
         )
@@ -308,9 +308,8 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         f = floors.get((tuple(r["members"]), tuple(r["size"]), r["batch"]))
         ratio = f"{r['seconds_per_batch'] / f:.2f}x" if f else "-"
-        name = "paper trio" if r["members"] == list(PAPER_TRIO) else "lite trio"
         out.append(
-            f"| {name} | {r['size'][1]}x{r['size'][0]} | {r['batch']} | {r['pipeline']} "
+            f"| {_group(r)} | {r['size'][1]}x{r['size'][0]} | {r['batch']} | {r['pipeline']} "
             f"| {r['latency_ms_per_image']:.1f} | {r['images_per_s']:.2f} "
             f"| {r['peak_rss_mb']:.0f} | {ratio} |"
         )

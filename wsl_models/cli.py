@@ -143,7 +143,7 @@ def _train(args: argparse.Namespace) -> int:
         mask_classes=[c for c in args.mask_classes.split(",") if c] or None,
         localizer=args.minmax,
         decoder=args.decoder,
-        map_source=args.map_source or ("decoder" if args.decoder else "cam"),
+        map_source=args.map_source,
     )
     cfg = TrainConfig(
         decoder_epochs=args.decoder_epochs,

@@ -17,7 +17,6 @@ The NEGEV / F-CAM recipe (``shared/notes/decoder-from-cam-seeds.md``), shaped fo
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -33,11 +32,8 @@ from .data import ImageDataset, Sample
 from .ensemble import Ensemble
 from .masks import otsu_threshold
 from .members import Member
-from .supervision import IGNORE
+from .supervision import IGNORE, pseudo_target
 from .train_config import TrainConfig
-
-log = logging.getLogger(__name__)
-
 
 # ---------------------------------------------------------------- pure functions
 
@@ -128,27 +124,35 @@ def masked_bce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return F.binary_cross_entropy_with_logits(logits[valid], (target[valid] == 1).float())
 
 
-def pseudo_mask(probs: np.ndarray, fg: float, bg: float) -> np.ndarray:
-    """1 where probs >= fg, 0 where <= bg, IGNORE between."""
-    out = np.full(probs.shape, IGNORE, np.uint8)
-    out[probs >= fg] = 1
-    out[probs <= bg] = 0
-    return out
-
-
 # ---------------------------------------------------------------- the per-image plan
 
 
 @dataclass
 class DecoderTargets:
-    """What each image teaches, at the decoder's grid (h, w) unless said otherwise."""
+    """What each image teaches, the same for every member's decoder."""
 
-    label: list[int]  # the class the seeds come from (label, else the ensemble's class)
-    fg_region: list[np.ndarray | None]  # None: no seeds (human mask, negative, no map)
-    bg_region: list[np.ndarray | None]
+    cams: list[torch.Tensor | None]  # (A, h, w) the agreeing members' CAMs; None: no seeds
     negative: list[bool]  # a class without masks: all background
     human: list[torch.Tensor | None]  # (H, W) uint8 at the model's input size
     wanted: list[bool]  # a mask class (seeds, area prior, pseudo-masks apply)
+
+    def seed_regions(
+        self, grid: tuple[int, int], cfg: TrainConfig
+    ) -> list[tuple[np.ndarray, np.ndarray] | None]:
+        """Per image, where seeds may be drawn on a decoder grid: the min (foreground) and max
+        (background) of the agreeing members' CAMs resized to it."""
+        out: list[tuple[np.ndarray, np.ndarray] | None] = []
+        for cams in self.cams:
+            if cams is None:
+                out.append(None)
+                continue
+            up = resize_maps(cams, grid).clamp(0, 1).numpy()
+            out.append(
+                seed_regions(
+                    up.min(0), up.max(0), cfg.decoder_seed_erode, cfg.decoder_seed_bg_fraction
+                )
+            )
+        return out
 
 
 def plan_targets(
@@ -156,10 +160,9 @@ def plan_targets(
     samples: Sequence[Sample],
     human: Sequence[np.ndarray | None],
     cfg: TrainConfig,
-    grid: dict[int, tuple[int, int]],
     batch_size: int = 16,
-) -> tuple[torch.Tensor, dict[int, DecoderTargets]]:
-    """Images at input size, and per member index the seed regions on its decoder grid.
+) -> tuple[torch.Tensor, DecoderTargets]:
+    """Images at input size, and what each one teaches.
 
     Seeds come from the consensus of the members whose class agrees with the image's label
     (all members where none does), from the CAM source: the decoder learns from CAMs only.
@@ -168,7 +171,7 @@ def plan_targets(
     ds = ImageDataset(samples, conf.classes, conf.image_size)
     images = torch.stack([ds[i][0] for i in range(len(ds))])
     wanted_classes = set(conf.mask_classes or conf.classes)
-    plans = {k: DecoderTargets([], [], [], [], [], []) for k in grid}
+    plan = DecoderTargets([], [], [], [])
     for start in range(0, len(ds), batch_size):
         out = ensemble.predict(images[start : start + batch_size], seed=cfg.seed)
         member_class = out.member_probs.argmax(-1)  # (M, B)
@@ -176,28 +179,15 @@ def plan_targets(
             i = start + b
             label = ds.labels[i] if ds.labels[i] >= 0 else int(out.label[b])
             wanted = conf.classes[label] in wanted_classes
-            negative = not wanted and ds.labels[i] >= 0
             agree = (member_class[:, b] == label).nonzero().flatten().tolist() or list(
                 range(len(ensemble.members))
             )
-            maps = ensemble.source_maps(out, b, label, "cam")[agree]
-            target = human[i]
-            for k, plan in plans.items():
-                plan.label.append(label)
-                plan.negative.append(negative)
-                plan.wanted.append(wanted)
-                plan.human.append(None if target is None else torch.from_numpy(target))
-                if not wanted or target is not None:
-                    plan.fg_region.append(None)
-                    plan.bg_region.append(None)
-                    continue
-                up = resize_maps(maps, grid[k]).clamp(0, 1).numpy()
-                fg, bg = seed_regions(
-                    up.min(0), up.max(0), cfg.decoder_seed_erode, cfg.decoder_seed_bg_fraction
-                )
-                plan.fg_region.append(fg)
-                plan.bg_region.append(bg)
-    return images, plans
+            seeded = wanted and human[i] is None
+            plan.cams.append(ensemble.source_maps(out, b, label, "cam")[agree] if seeded else None)
+            plan.negative.append(not wanted and ds.labels[i] >= 0)
+            plan.wanted.append(wanted)
+            plan.human.append(None if human[i] is None else torch.from_numpy(human[i]))
+    return images, plan
 
 
 # ---------------------------------------------------------------- training
@@ -236,10 +226,12 @@ def train_decoder(
     taps: list[torch.Tensor],
     images: torch.Tensor,
     plan: DecoderTargets,
+    regions: list[tuple[np.ndarray, np.ndarray] | None],
     cfg: TrainConfig,
     seed: int,
 ) -> dict[str, Any]:
-    """Train ``member.decoder`` in place on cached taps; the classifier is never touched."""
+    """Train ``member.decoder`` in place on cached taps; the classifier is never touched.
+    ``regions``: ``plan.seed_regions`` on this decoder's grid (that of its finest tap)."""
     device = taps[0].device
     n = len(images)
     grid = tuple(taps[0].shape[-2:])
@@ -262,17 +254,17 @@ def train_decoder(
         seeds = torch.from_numpy(
             np.stack(
                 [
-                    sample_seeds(fg, bg, cfg.decoder_seed_fg, cfg.decoder_seed_bg, rng)
-                    if fg is not None
+                    sample_seeds(*region, cfg.decoder_seed_fg, cfg.decoder_seed_bg, rng)
+                    if region is not None
                     else np.full(grid, IGNORE, np.uint8)
-                    for fg, bg in zip(plan.fg_region, plan.bg_region, strict=True)
+                    for region in regions
                 ]
             )
         ).to(device)
         pseudo = None
         if use_pseudo and epoch >= pseudo_from:
             probs = decoder_probs(member, taps)[:, 0].cpu().numpy()
-            pseudo = torch.from_numpy(pseudo_mask(probs, cfg.pseudo_fg, cfg.pseudo_bg)).to(device)
+            pseudo = torch.from_numpy(pseudo_target(probs, cfg.pseudo_fg, cfg.pseudo_bg)).to(device)
             pseudo[~(wanted & ~has_human)] = IGNORE
         decoder.train()
         total, steps = 0.0, 0
@@ -328,24 +320,21 @@ def train_decoders(
     if cfg.decoder_epochs <= 0:
         return {"skipped": "decoder_epochs is 0"}
     start = time.perf_counter()
-    grid = {}
-    for k, member in enumerate(ensemble.members):
-        with torch.no_grad():
-            _, taps = member.features_and_taps(
-                torch.zeros(1, 3, *ensemble.config.image_size, device=device)
-            )
-        grid[k] = tuple(taps[0].shape[-2:])
-    images, plans = plan_targets(ensemble, samples, human, cfg, grid)
+    images, plan = plan_targets(ensemble, samples, human, cfg)
     report: dict[str, Any] = {
         "images": len(samples),
-        "seeded": sum(r is not None for r in plans[0].fg_region),
-        "negative": sum(plans[0].negative),
-        "human_masks": sum(h is not None for h in plans[0].human),
+        "seeded": sum(c is not None for c in plan.cams),
+        "negative": sum(plan.negative),
+        "human_masks": sum(h is not None for h in plan.human),
     }
+    regions: dict[tuple[int, ...], list] = {}  # by decoder grid: members mostly share one
     for k, member in enumerate(ensemble.members):
         taps = cache_taps(member, images, device)
+        grid = tuple(taps[0].shape[-2:])
+        if grid not in regions:
+            regions[grid] = plan.seed_regions(grid, cfg)
         report[ensemble.config.member_keys[k]] = train_decoder(
-            member, taps, images, plans[k], cfg, cfg.seed + 1000 + k
+            member, taps, images, plan, regions[grid], cfg, cfg.seed + 1000 + k
         )
         del taps
     report["seconds"] = time.perf_counter() - start

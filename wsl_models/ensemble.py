@@ -46,17 +46,19 @@ class EnsembleConfig:
     # Members carry a min-max entropy localizer head (trained with TrainConfig.minmax) and/or a
     # full-resolution decoder (decoder.py, trained from CAM seeds and masks), and where the
     # pre-annotation comes from: "cam" (the CAM method), "localizer" or "decoder" (those heads;
-    # class-agnostic: the same map for every class). Versions saved before the decoder existed
-    # load with decoder=False (``from_dict``).
+    # class-agnostic: the same map for every class); None: "decoder" with a decoder, else
+    # "cam". Versions saved before the decoder existed load with decoder=False (``from_dict``).
     localizer: bool = False
     decoder: bool = True
-    map_source: str = "decoder"
+    map_source: str | None = None
     # The decoder map is a probability (not min-max normalised): one threshold for every
     # agreeing member, calibrated on pixel-labelled held-out images where there are some.
     decoder_threshold: Threshold = 0.5
 
     def __post_init__(self) -> None:
         self.image_size = tuple(int(v) for v in self.image_size)  # type: ignore[assignment]
+        if self.map_source is None:
+            self.map_source = "decoder" if self.decoder else "cam"
         if self.map_mode not in ("class", "max"):
             raise ValueError(f"map_mode must be 'class' or 'max', not {self.map_mode!r}")
         if self.map_source not in MAP_SOURCES:
@@ -99,6 +101,10 @@ class EnsembleConfig:
             *(["localizer"] if self.localizer else []),
             *(["decoder"] if self.decoder else []),
         ]
+
+    def mean_threshold_for(self, source: str) -> Threshold:
+        """The mean map's threshold: the decoder's probability threshold, or the CAMs' own."""
+        return self.decoder_threshold if source == "decoder" else self.mean_threshold
 
     def threshold_for(self, member: str, source: str | None = None) -> Threshold:
         if (source or self.map_source) == "decoder":

@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 from .data import Dataset, DatasetError
 from .ensemble import Ensemble, ImageMasks
 from .images import open_image, open_mask, to_tensor
-from .masks import Threshold, binarize
+from .masks import Threshold, binarize, resize_mask
 from .metrics import (
     PXAP_BINS,
     centred_gaussian,
@@ -114,8 +114,7 @@ def evaluate(
             for src in sources:
                 res = ensemble.masks(out, j, truth.shape, label=label, source=src)
                 no_mask[src] += res.mask is None
-                mean_t = cfg.decoder_threshold if src == "decoder" else cfg.mean_threshold
-                _score(tallies[src], res, truth, names, mean_t)
+                _score(tallies[src], res, truth, names, cfg.mean_threshold_for(src))
                 if overlay_dir and src == cfg.map_source:
                     write_overlay(
                         overlay_dir / f"{Path(s.name).stem}.png",
@@ -171,12 +170,6 @@ def _score(
     mean = res.mean_map if res.wanted else off
     tally["intersection"].add(inter, mask, truth)
     tally["mean_map"].add(mean, binarize(mean, mean_threshold) & res.wanted, truth)
-
-
-def resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Nearest-neighbour resize of a boolean mask to (H, W), as the published protocol does."""
-    t = torch.from_numpy(mask.astype(np.float32))[None, None]
-    return (torch.nn.functional.interpolate(t, size=size, mode="nearest")[0, 0] > 0.5).numpy()
 
 
 def format_table(result: dict[str, Any]) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import cv2
 import numpy as np
+import torch
 from scipy import ndimage
 
 Threshold = float | str  # a value in [0, 1], or "otsu"
@@ -32,6 +33,12 @@ def resolve_threshold(score_map: np.ndarray, threshold: Threshold) -> float:
 def binarize(score_map: np.ndarray, threshold: Threshold) -> np.ndarray:
     """Pixels strictly above the threshold (so a threshold of 1 gives an empty mask)."""
     return score_map > resolve_threshold(score_map, threshold)
+
+
+def resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Nearest-neighbour resize of a binary mask to (H, W) (the published protocol's)."""
+    t = torch.from_numpy(mask.astype(np.float32))[None, None]
+    return (torch.nn.functional.interpolate(t, size=size, mode="nearest")[0, 0] > 0.5).numpy()
 
 
 def intersect(masks: list[np.ndarray]) -> np.ndarray:

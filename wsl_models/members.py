@@ -8,7 +8,8 @@ gradients are closed-form (see ``cam.py``) and MC Dropout only needs the pooled 
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 from functools import partial
@@ -36,6 +37,17 @@ def _capture(name: str, module: nn.Module, inputs: object, output: torch.Tensor)
     store = _TAPS.get()
     if store is not None:
         store[name] = output
+
+
+@contextmanager
+def _capturing() -> Iterator[dict[str, torch.Tensor]]:
+    """The taps of the forwards run inside, by module path."""
+    store: dict[str, torch.Tensor] = {}
+    token = _TAPS.set(store)
+    try:
+        yield store
+    finally:
+        _TAPS.reset(token)
 
 
 class WeightsError(RuntimeError):
@@ -92,7 +104,7 @@ class Member(nn.Module):
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
         # The decoder reads the registry's taps (fine -> coarse) plus the last feature map.
-        self.taps = tuple(taps) if decoder else ()
+        self.taps = tuple(taps)
         modules = dict(features.named_modules())
         for tap in self.taps:
             modules[tap].register_forward_hook(partial(_capture, tap))
@@ -116,12 +128,8 @@ class Member(nn.Module):
         the last feature map included). Without a decoder the tap list is empty."""
         if self.decoder is None:
             return self.feature_map(x), []
-        store: dict[str, torch.Tensor] = {}
-        token = _TAPS.set(store)
-        try:
+        with _capturing() as store:
             features = self.feature_map(x)
-        finally:
-            _TAPS.reset(token)
         return features, [*(store[t] for t in self.taps), features]
 
     def decode(self, taps: list[torch.Tensor]) -> torch.Tensor:
@@ -132,15 +140,12 @@ class Member(nn.Module):
 
     def _tap_channels(self) -> list[int]:
         """Channels of each tap, read off one small forward (the registry names modules only)."""
-        store: dict[str, torch.Tensor] = {}
-        token = _TAPS.set(store)
         was_training = self.training
         try:
             self.eval()
-            with torch.no_grad():
+            with _capturing() as store, torch.no_grad():
                 self.feature_map(torch.zeros(1, 3, 64, 64))
         finally:
-            _TAPS.reset(token)
             self.train(was_training)
         return [store[t].shape[1] for t in self.taps]
 

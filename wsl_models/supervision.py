@@ -21,6 +21,7 @@ from torchvision import tv_tensors
 from .cam import AnalyticCAM, XGradCAM, normalize_maps, resize_maps
 from .data import ImageDataset, Sample
 from .images import open_mask
+from .masks import resize_mask
 from .members import Member
 
 IGNORE = 255
@@ -32,9 +33,7 @@ def human_target(sample: Sample, size: tuple[int, int]) -> np.ndarray | None:
     """The sample's mask file as a 0/1 target at ``size`` (nearest), or None without one."""
     if sample.mask is None:
         return None
-    mask = open_mask(sample.mask)
-    t = torch.from_numpy(mask.astype(np.float32))[None, None]
-    return (F.interpolate(t, size=size, mode="nearest")[0, 0] > 0.5).numpy().astype(np.uint8)
+    return resize_mask(open_mask(sample.mask), size).astype(np.uint8)
 
 
 def pseudo_target(consensus: np.ndarray, fg: float, bg: float) -> np.ndarray:

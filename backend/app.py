@@ -16,15 +16,19 @@ from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from .fetch import ImageFetcher
+from .holder import ModelHolder
+from .inference import InferenceEngine
 from .jobs import TrainingQueue
 from .label_config import LabelConfigError
-from .model import UNTRAINED, CamLabelModel, ModelHolder
+from .lines import project_id
+from .model import UNTRAINED, CamLabelModel
 from .settings import WEBHOOK_SECRET_HEADER, Settings
 
 log = logging.getLogger("camlabel.backend")
 
 TRAINING_EVENTS = {
     "ANNOTATION_CREATED",
+    "ANNOTATIONS_CREATED",  # bulk: annotations imported with tasks
     "ANNOTATION_UPDATED",
     "ANNOTATIONS_DELETED",
     "START_TRAINING",
@@ -57,6 +61,9 @@ def create_app(settings: Settings | None = None, queue: TrainingQueue | None = N
     app = Flask("camlabel")
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_mb * 1024 * 1024
     holder = ModelHolder(settings)
+    engine = InferenceEngine(
+        settings.predict_batch, settings.batch_invariant
+    )  # this worker's one inference thread
     fetcher = ImageFetcher(settings)
     queue_error = None
     if queue is None:
@@ -69,9 +76,10 @@ def create_app(settings: Settings | None = None, queue: TrainingQueue | None = N
         "settings": settings,
         "holder": holder,
         "fetcher": fetcher,
+        "engine": engine,
         "queue": queue,
     }
-    holder.get()  # load the current version once per worker, before the first request
+    holder.preload()  # every line's current version, once per worker, before any request
 
     def body() -> dict[str, Any]:
         data = request.get_json(silent=True)
@@ -83,7 +91,8 @@ def create_app(settings: Settings | None = None, queue: TrainingQueue | None = N
         config = data.get(config_key)
         if not isinstance(config, str):
             raise BadRequest(f"the request has no {config_key!r} (the project's label config)")
-        model = CamLabelModel(holder, fetcher, settings, config, str(data.get("project", "")))
+        pid = project_id(data.get("project"))
+        model = CamLabelModel(holder.get(pid), engine, fetcher, settings, config, pid)
         model.setup()
         return model
 
@@ -106,12 +115,15 @@ def create_app(settings: Settings | None = None, queue: TrainingQueue | None = N
     @app.get("/")
     @app.get("/health")
     def health() -> Response:
-        _, version = holder.get()
+        _, version = holder.get()  # the base model's (what serves a project with no line yet)
         return jsonify(
             status="UP",
             model_class="CamLabelModel",
             model_version=version or UNTRAINED,
             trained=version is not None,
+            # each project line's current version (a worker loads it on that project's next
+            # request, in the background)
+            projects={p: holder.lines.project(p).current_id() for p in holder.lines.project_ids()},
             load_error=holder.last_error,
             jobs=queue.log.read() if queue else {},
             queue_pending=queue.huey.pending_count() if queue else None,
@@ -154,26 +166,32 @@ def create_app(settings: Settings | None = None, queue: TrainingQueue | None = N
         if action not in TRAINING_EVENTS:
             return jsonify(status="ignored", action=action)
         project = data.get("project")
-        pid = project.get("id") if isinstance(project, dict) else None
-        if isinstance(pid, str) and pid.isascii() and pid.isdigit():
-            pid = int(pid)
-        if not isinstance(pid, int) or isinstance(pid, bool) or not 0 < pid < 2**63:
+        pid = project_id(project.get("id")) if isinstance(project, dict) else None
+        if pid is None:
             raise BadRequest(f"{action} webhook without a valid project id")
         if queue is None:
             return jsonify(error=queue_error), 503
-        model = CamLabelModel(holder, fetcher, settings, "", str(pid))
-        return jsonify(status=model.fit(action, {**data, "project": {**project, "id": pid}}, queue),
-                       action=action)  # fmt: skip
+        model = CamLabelModel(holder.get(pid), engine, fetcher, settings, "", pid)
+        try:
+            status = model.fit(action, {**data, "project": {**project, "id": pid}}, queue)
+        except Exception as exc:  # e.g. the queue's disk is full: nothing was queued
+            log.exception("project %s: could not queue training for %s", pid, action)
+            return jsonify(error=f"training not queued: {type(exc).__name__}: {exc}"), 503
+        return jsonify(status=status, action=action, project=pid)
 
     @app.get("/versions")
     def versions() -> Response:
-        return jsonify(versions=holder.versions())
+        """The base model's versions and the project's (?project=ID; every project's without:
+        Label Studio's GET /versions names none)."""
+        pid = project_id(request.args.get("project", ""))
+        return jsonify(versions=holder.lines.versions(pid))
 
     @app.get("/versions/<vid>")
     def version(vid: str) -> Response | tuple[Response, int]:
-        if vid not in holder.versions():
+        store = holder.lines.find(vid)
+        if store is None:
             return jsonify(error=f"no version {vid!r}"), 404
-        return jsonify(holder.store.manifest(vid))
+        return jsonify(store.manifest(vid))
 
     @app.errorhandler(BadRequest)
     @app.errorhandler(LabelConfigError)

@@ -1,15 +1,15 @@
 """Fetching task images: Label Studio uploads and local files, http(s) URLs, data: URIs.
 
-Label Studio 1.23 refuses legacy tokens by default; a personal access token (a JWT refresh
-token) must first be exchanged for an access token at /api/token/refresh/. The key is only sent
-to the Label Studio host, never to other hosts.
+The Label Studio key (ls_client.py turns it into a header) is only sent to the Label Studio
+host, never to other hosts.
 """
 
 from __future__ import annotations
 
 import base64
 import logging
-import threading
+import time
+from concurrent.futures import ThreadPoolExecutor, wait
 from urllib.parse import urljoin
 
 import requests
@@ -17,6 +17,7 @@ from PIL import Image
 
 from wsl_models.images import ImageError, open_image
 
+from .ls_client import LabelStudioAuthError, LabelStudioClient
 from .settings import Settings
 from .url_policy import UrlPolicy, UrlRefused
 
@@ -27,56 +28,44 @@ class FetchError(ValueError):
     """An image that could not be fetched; the message is safe to show (no secrets)."""
 
 
-def is_personal_access_token(key: str) -> bool:
-    return key.count(".") == 2 and key.startswith("ey")
-
-
-class LabelStudioAuth:
-    """Authorization header for Label Studio, exchanging a PAT for an access token once."""
-
-    def __init__(self, url: str, key: str, timeout: float = 10.0) -> None:
-        self.url = url.rstrip("/")
-        self.key = key
-        self.timeout = timeout
-        self._access: str | None = None
-        self._lock = threading.Lock()
-
-    def header(self, refresh: bool = False) -> dict[str, str]:
-        if not self.key:
-            return {}
-        if not is_personal_access_token(self.key):
-            return {"Authorization": f"Token {self.key}"}
-        with self._lock:
-            if self._access is None or refresh:
-                self._access = self._exchange()
-            return {"Authorization": f"Bearer {self._access}"}
-
-    def _exchange(self) -> str:
-        try:
-            r = requests.post(
-                f"{self.url}/api/token/refresh/", json={"refresh": self.key}, timeout=self.timeout
-            )
-        except requests.RequestException as exc:
-            raise FetchError(f"Label Studio at {self.url} is unreachable: {exc}") from exc
-        if r.status_code != 200 or "access" not in r.json():
-            raise FetchError(
-                f"Label Studio refused the personal access token (HTTP {r.status_code})"
-            )
-        return r.json()["access"]
-
-
 MAX_REDIRECTS = 3
 
 
 class ImageFetcher:
     def __init__(self, settings: Settings, policy: UrlPolicy | None = None) -> None:
         self.settings = settings
-        self.auth = LabelStudioAuth(settings.label_studio_url, settings.label_studio_api_key)
+        self.label_studio = LabelStudioClient(
+            settings.label_studio_url, settings.label_studio_api_key
+        )
         self.session = requests.Session()
         self.session.trust_env = False  # no proxy or .netrc credentials from the environment
         self.policy = policy or UrlPolicy.from_settings(
             settings.label_studio_url, settings.allowed_image_hosts
         )
+        self._pool = ThreadPoolExecutor(
+            max(1, settings.fetch_threads), thread_name_prefix="camlabel-fetch"
+        )
+
+    def fetch_all(self, urls: list[str], deadline: float) -> list[Image.Image | FetchError]:
+        """Fetch in parallel; what is not in by ``deadline`` (time.monotonic()) gets its own
+        FetchError, so one slow host cannot push a whole /predict past Label Studio's 100 s."""
+        futures = [self._pool.submit(self.fetch, url) for url in urls]
+        done, _ = wait(futures, timeout=max(0.0, deadline - time.monotonic()))
+        out: list[Image.Image | FetchError] = []
+        for url, future in zip(urls, futures, strict=True):
+            if future not in done:
+                future.cancel()  # a download already running ends at its own FETCH_TIMEOUT
+                out.append(FetchError(f"{_short(str(url))}: not fetched within this request's "
+                                      f"deadline (FETCH_DEADLINE {self.settings.fetch_deadline:g} s)"))  # fmt: skip
+            elif future.exception() is None:
+                out.append(future.result())
+            elif isinstance(future.exception(), FetchError):
+                out.append(future.exception())
+            else:  # a bug, not the image: logged with its trace, reported for this task only
+                exc = future.exception()
+                log.error("fetching %s failed", _short(str(url)), exc_info=exc)
+                out.append(FetchError(f"{_short(str(url))}: {type(exc).__name__}: {exc}"))
+        return out
 
     def resolve(self, url: str) -> str:
         """Relative Label Studio paths (/data/upload/..., /data/local-files/?d=...) -> absolute."""
@@ -104,17 +93,23 @@ class ImageFetcher:
                 log.warning("refused image URL %s: %s", _short(url), exc)
                 raise FetchError(f"{_short(url)}: {exc}") from exc
             to_ls = self.policy.is_label_studio(url)
-            headers = self.auth.header() if to_ls else {}
+            headers = self._label_studio_header() if to_ls else {}
             response = self._get(url, headers)
             if response.status_code == 401 and to_ls and headers:
                 response.close()
-                response = self._get(url, self.auth.header(refresh=True))
+                response = self._get(url, self._label_studio_header(refresh=True))
             if not response.is_redirect:
                 return response
             target = response.headers.get("Location", "")
             response.close()
             url = urljoin(url, target)
         raise FetchError(f"image URL {_short(url)}: more than {MAX_REDIRECTS} redirects")
+
+    def _label_studio_header(self, refresh: bool = False) -> dict[str, str]:
+        try:
+            return self.label_studio.header(refresh)
+        except LabelStudioAuthError as exc:
+            raise FetchError(str(exc)) from exc
 
     def _download(self, url: str) -> bytes:
         with self._open(url) as response:

@@ -2,13 +2,13 @@
 
 The queue is a SQLite file in MODEL_DIR (no extra server; it survives restarts). One consumer
 with one worker runs jobs, so exactly one training runs at a time. A burst of webhooks makes
-one job: a per-project "pending" key is set when a job is queued and cleared when it starts,
-so events that arrive while a job runs queue exactly one more (which sees their annotations).
+one job: a per-project "pending" key is set, in the same transaction as the job, when a job
+is queued and cleared when it starts, so events that arrive while a job runs queue exactly one
+more (which sees their annotations). Each project trains its own model line (lines.py).
 """
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import os
@@ -19,9 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from huey import SqliteHuey
-from PIL import Image
 
 from wsl_models.data import load_dataset
 from wsl_models.ensemble import EnsembleConfig
@@ -29,13 +27,13 @@ from wsl_models.images import parse_size
 from wsl_models.members import LITE_TRIO
 from wsl_models.promotion import Tolerance, holdout_scores, promote
 from wsl_models.training import TrainConfig, train_ensemble
-from wsl_models.versions import ModelStore
 
-from .fetch import FetchError, ImageFetcher
+from .annotations import annotated_labels, collect_dataset
+from .fetch import ImageFetcher
 from .label_config import parse_label_config
+from .lines import ModelLines
 from .ls_api import LabelStudioAPI, TrainingError
-from .ranking import rank_project
-from .rle import rle_to_mask
+from .ranking import RankingError, rank_project
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -79,76 +77,6 @@ class TrainingSettings:
             unlabelled=int(e("TRAIN_UNLABELLED", str(cls.unlabelled))),
             tolerance=float(e("PROMOTE_TOLERANCE", str(cls.tolerance))),
         )
-
-
-def _latest_annotation(task: dict) -> dict | None:
-    live = [a for a in task.get("annotations", []) if not a.get("was_cancelled")]
-    return max(live, key=lambda a: a.get("updated_at") or a.get("created_at") or "", default=None)
-
-
-def _image_label(results: list[dict], schema: Any) -> str:
-    """The Choices answer; else the one brush label used; else "" (unlabelled)."""
-    for r in results:
-        if r.get("from_name") == schema.choices_name and r.get("value", {}).get("choices"):
-            return r["value"]["choices"][0]
-    brushes = {b for r in results if r.get("type") == "brushlabels"
-               for b in r.get("value", {}).get("brushlabels", [])}  # fmt: skip
-    return brushes.pop() if len(brushes) == 1 else ""
-
-
-def collect_dataset(
-    tasks: list[dict],
-    label_config: str,
-    fetcher: ImageFetcher,
-    out: Path,
-    unlabelled: list[dict] | None = None,
-) -> dict[str, int]:
-    """Write tasks as a dataset (images/, masks/, labels.csv) under ``out``.
-
-    Per task whatever exists: the image label (Choices, or the single brush label used), a
-    human mask (union of the BrushLabels regions), or neither for ``unlabelled`` tasks (they
-    teach through pseudo-masks). Annotated tasks with neither, and tasks whose image fails,
-    are skipped and counted.
-    """
-    schema = parse_label_config(label_config)
-    (out / "images").mkdir(parents=True, exist_ok=True)
-    (out / "masks").mkdir(parents=True, exist_ok=True)
-    rows = []
-    counts = {"tasks": len(tasks), "used": 0, "labelled": 0, "masks": 0, "unlabelled": 0,
-              "skipped": 0}  # fmt: skip
-    work = [(t, True) for t in tasks] + [(t, False) for t in unlabelled or []]
-    for task, annotated in work:
-        annotation = _latest_annotation(task) if annotated else None
-        results = annotation.get("result", []) if annotation else []
-        label = _image_label(results, schema)
-        brush = [
-            r for r in results if r.get("type") == "brushlabels" and r.get("value", {}).get("rle")
-        ]
-        if annotated and not label and not brush:
-            counts["skipped"] += 1
-            continue
-        try:
-            image = fetcher.fetch(task["data"][schema.image_key])
-        except (FetchError, KeyError, TypeError) as exc:
-            log.warning("training: task %s skipped: %s", task.get("id"), exc)
-            counts["skipped"] += 1
-            continue
-        name = f"task_{task['id']}.png"
-        image.save(out / "images" / name)
-        mask = np.zeros((image.height, image.width), bool)
-        for r in brush:
-            mask |= rle_to_mask(r["value"]["rle"], image.height, image.width)
-        if mask.any():
-            Image.fromarray(mask.astype(np.uint8) * 255).save(out / "masks" / name)
-            counts["masks"] += 1
-        rows.append({"image": name, "label": label, "split": "train"})
-        counts["used"] += 1
-        counts["labelled" if label else "unlabelled"] += 1
-    with (out / "labels.csv").open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=["image", "label", "split"])
-        writer.writeheader()
-        writer.writerows(rows)
-    return counts
 
 
 def _unannotated(api: LabelStudioAPI, project_id: int, limit: int) -> list[dict]:
@@ -197,30 +125,36 @@ def job_configs(
 
 def train_from_project(
     settings: Settings, project_id: int, train: TrainingSettings
-) -> tuple[str, bool]:
-    """Pull the project's tasks, train, save a new version; make it current and re-rank the
-    project only if it is not worse than the current version on the same hold-out.
+) -> tuple[str, bool, str | None]:
+    """Pull the project's tasks, train, save a new version in the project's line; make it
+    current and re-rank the project only if it is not worse than the version serving the
+    project now (its own, or the base model) on the same hold-out.
 
-    Returns (version, promoted). A refused version is kept, with its metrics and the reason.
+    Returns (version, promoted, ranking error). A refused version is kept, with its metrics
+    and the reason. A ranking that fails leaves the previous predictions in place.
     """
     api = LabelStudioAPI(settings)
     project = api.project(project_id)
-    store = ModelStore(settings.model_dir)
-    work = Path(settings.model_dir) / "jobs" / f"project-{project_id}-{int(time.time())}"
-    current = store.current_id()
-    previous = store.load(current) if current else None
+    lines = ModelLines(settings.model_dir, settings.base_model)
+    key, current = lines.serving(project_id)
+    previous = lines.store(key).load(current) if current else None
+    work = lines.project_dir(project_id) / "jobs" / f"job-{int(time.time())}"
     try:
+        tasks = api.annotated_tasks(project_id)
+        classes = annotated_labels(tasks, project["label_config"])
+        if previous is not None and not classes <= set(previous.config.classes):
+            log.info("project %s: labels %s are not all classes of the %s version %s: "
+                     "trained from the backbone weights", project_id, sorted(classes), key,
+                     current)  # fmt: skip
+            previous = None
+        # Unannotated tasks teach through the previous version's pseudo-masks.
         extra = (
             _unannotated(api, project_id, train.unlabelled)
             if previous and train.unlabelled > 0
             else []
         )
         counts = collect_dataset(
-            api.annotated_tasks(project_id),
-            project["label_config"],
-            ImageFetcher(settings),
-            work,
-            extra,
+            tasks, project["label_config"], ImageFetcher(settings), work, extra
         )
         log.info("training project %s on %s", project_id, counts)
         if counts["labelled"] < 4:
@@ -244,37 +178,50 @@ def train_from_project(
             "new": new_scores,
             "current": old_scores,
         }
-        version = store.save(ensemble, metrics, make_current=accepted)
+        version = lines.project(project_id).save(ensemble, metrics, make_current=accepted)
         if not accepted:
             log.warning("project %s: version %s kept but not made current: %s",
                         project_id, version, reason)  # fmt: skip
-            return version, False
-        report = rank_project(settings, project_id, progress=False, api=api)
+            return version, False, None
+        try:
+            report = rank_project(settings, project_id, progress=False, api=api)
+        except (RankingError, TrainingError) as exc:
+            log.error("project %s: version %s is current, but ranking failed: %s",
+                      project_id, version, exc)  # fmt: skip
+            return version, True, str(exc)
         log.info("project %s: version %s, %d tasks ranked", project_id, version, report.ranked)
-        return version, True
+        return version, True, None
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
 class JobLog:
-    """The last job per project, as JSON in MODEL_DIR (shown by /health)."""
+    """The last job of each project, as JSON in its line (MODEL_DIR/projects/<id>/job.json)."""
 
     def __init__(self, model_dir: str) -> None:
-        self.path = Path(model_dir) / "jobs.json"
+        self.lines = ModelLines(model_dir)
 
-    def read(self) -> dict[str, Any]:
+    def _path(self, project_id: int) -> Path:
+        return self.lines.project_dir(project_id) / "job.json"
+
+    def get(self, project_id: int) -> dict[str, Any]:
         try:
-            return json.loads(self.path.read_text())
+            return json.loads(self._path(project_id).read_text())
         except (OSError, json.JSONDecodeError):
             return {}
 
+    def read(self) -> dict[str, Any]:
+        """{project id (str): last job state} for every project with a job."""
+        jobs = {str(p): self.get(p) for p in self.lines.project_ids()}
+        return {k: v for k, v in jobs.items() if v}
+
     def write(self, project_id: int, **state: Any) -> None:
-        data = self.read()
-        data[str(project_id)] = {**data.get(str(project_id), {}), **state, "at": time.time()}
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
+        path = self._path(project_id)
+        data = {**self.get(project_id), **state, "at": time.time()}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".job.{os.getpid()}.tmp")
         tmp.write_text(json.dumps(data, indent=2))
-        os.replace(tmp, self.path)
+        os.replace(tmp, path)
 
 
 def _alive(pid: Any) -> bool:
@@ -306,26 +253,59 @@ class TrainingQueue:
         self.task = self.huey.task(retries=0)(self._run)
 
     def enqueue(self, project: dict[str, Any], attempt: int = 1) -> str:
+        """Queue one training job for the project unless one is already waiting."""
         pid = int(project["id"])
-        if not self.huey.put_if_empty(f"pending-{pid}", "1"):
+        job = self.task.s(pid, attempt)
+        if self.huey.immediate:  # tests: in-memory storage, the job runs right here
+            if not self.huey.put_if_empty(f"pending-{pid}", "1"):
+                return "already-queued"
+            self.log.write(pid, state="queued", attempt=attempt)
+            self.huey.enqueue(job)
+            return "queued"
+        if not self._put_pending_job(f"pending-{pid}", self.huey.serialize_task(job)):
             return "already-queued"
         self.log.write(pid, state="queued", attempt=attempt)
-        self.task(pid, attempt)
         return "queued"
 
+    def _put_pending_job(self, key: str, job: bytes) -> bool:
+        """Set the pending flag and write the job in ONE SQLite transaction: a failure
+        between the two (disk full, a crash) leaves neither, never a flag without a job (which
+        would answer every later webhook "already queued" with nothing queued)."""
+        storage = self.huey.storage
+        with storage.db(commit=True) as cursor:
+            cursor.execute(
+                "insert or ignore into kv (queue, key, value) values (?, ?, ?)",
+                (storage.name, key, storage.to_blob(self.huey.serializer.serialize("1"))),
+            )
+            if cursor.rowcount != 1:
+                return False
+            self._write_job(cursor, job)
+        return True
+
+    def _write_job(self, cursor: Any, job: bytes) -> None:
+        storage = self.huey.storage
+        cursor.execute(
+            "insert into task (queue, data, priority) values (?, ?, ?)",
+            (storage.name, storage.to_blob(job), 0),
+        )
+
     def _run(self, project_id: int, attempt: int = 1) -> str:
-        self.huey.get(f"pending-{project_id}")  # from now on, new events queue a new job
-        self.log.write(project_id, state="running", error=None, attempt=attempt,
-                       worker_pid=os.getpid())  # fmt: skip
         try:
-            version, promoted = train_from_project(
+            self.huey.get(f"pending-{project_id}")  # from now on, new events queue a new job
+            self.log.write(project_id, state="running", error=None, ranking=None, attempt=attempt,
+                           worker_pid=os.getpid())  # fmt: skip
+            version, promoted, ranking_error = train_from_project(
                 self.settings, project_id, TrainingSettings.from_env()
             )
         except Exception as exc:
             log.exception("training project %s failed", project_id)
             self.log.write(project_id, state="failed", error=f"{type(exc).__name__}: {exc}")
             raise
-        self.log.write(project_id, state="done", version=version, promoted=promoted)
+        ranking = "skipped: not promoted" if not promoted else "done"
+        if ranking_error:
+            ranking = f"failed, the previous predictions are kept: {ranking_error}"
+        self.log.write(project_id, state="done", version=version, promoted=promoted,
+                       ranking=ranking)  # fmt: skip
         return version
 
     def recover(self) -> dict[str, str]:

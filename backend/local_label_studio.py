@@ -18,6 +18,8 @@ from pathlib import Path
 
 import requests
 
+from .ls_client import LabelStudioClient
+
 ROOT = Path(__file__).resolve().parents[1]
 LS_BIN = Path(os.environ.get("LABEL_STUDIO_BIN", ROOT / ".lsvenv" / "bin" / "label-studio"))
 EMAIL, PASSWORD = "admin@example.com", "camlabel-test-pass"
@@ -96,7 +98,7 @@ class LabelStudio:
         self.log_path = self.workdir / "label-studio.log"
         self.proc: subprocess.Popen | None = None
         self.pat: str | None = None
-        self._access: str | None = None
+        self._client: LabelStudioClient | None = None
 
     def start(self, timeout: float = 300) -> LabelStudio:
         if not LS_BIN.exists():
@@ -151,19 +153,7 @@ class LabelStudio:
         return r.json()["token"]
 
     # ---------------------------------------------------------------- API with the PAT
-    def _headers(self, refresh: bool = False) -> dict[str, str]:
-        if self._access is None or refresh:
-            r = requests.post(
-                f"{self.url}/api/token/refresh/", json={"refresh": self.pat}, timeout=10
-            )
-            r.raise_for_status()
-            self._access = r.json()["access"]
-        return {"Authorization": f"Bearer {self._access}"}
-
     def api(self, method: str, path: str, **kw) -> requests.Response:
-        r = requests.request(method, self.url + path, headers=self._headers(), timeout=120, **kw)
-        if r.status_code == 401:
-            r = requests.request(
-                method, self.url + path, headers=self._headers(refresh=True), timeout=120, **kw
-            )
-        return r
+        if self._client is None:
+            self._client = LabelStudioClient(self.url, self.pat, timeout=120)
+        return self._client.request(method, path, **kw)

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-import requests
-
-from .fetch import LabelStudioAuth
+from .ls_client import LabelStudioAuthError, LabelStudioClient
 from .settings import Settings
 
 
@@ -21,19 +19,18 @@ class LabelStudioAPI:
         if not settings.label_studio_url or not settings.label_studio_api_key:
             raise TrainingError("training needs LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY")
         self.url = settings.label_studio_url
-        self.auth = LabelStudioAuth(settings.label_studio_url, settings.label_studio_api_key)
+        self.client = LabelStudioClient(settings.label_studio_url, settings.label_studio_api_key)
 
     def call(self, method: str, path: str, **kw: Any) -> Any:
-        r = requests.request(method, self.url + path, headers=self.auth.header(), timeout=60, **kw)
-        if r.status_code == 401:
-            r = requests.request(
-                method, self.url + path, headers=self.auth.header(refresh=True), timeout=60, **kw
-            )
+        try:
+            r = self.client.request(method, path, **kw)
+        except (LabelStudioAuthError, OSError) as exc:  # requests' errors are OSErrors
+            raise TrainingError(f"Label Studio {method} {path}: {exc}") from exc
         if r.status_code >= 400:
             raise TrainingError(
                 f"Label Studio {method} {path}: HTTP {r.status_code} {r.text[:200]}"
             )
-        return r.json()
+        return r.json() if r.content else None  # DELETE answers 204 with no body
 
     def project(self, project_id: int) -> dict:
         return self.call("GET", f"/api/projects/{project_id}")
@@ -75,6 +72,12 @@ class LabelStudioAPI:
         self.call(
             "DELETE", f"/api/projects/{project_id}/model-versions/", json={"model_version": version}
         )
+
+    def predictions(self, project_id: int) -> list[dict]:
+        return self.call("GET", "/api/predictions", params={"project": project_id})
+
+    def delete_prediction(self, prediction_id: int) -> None:
+        self.call("DELETE", f"/api/predictions/{prediction_id}")
 
     def set_sampling(self, project_id: int, sampling: str = "Uncertainty sampling") -> None:
         self.call("PATCH", f"/api/projects/{project_id}", json={"sampling": sampling})

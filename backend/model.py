@@ -3,20 +3,21 @@
 from __future__ import annotations
 
 import logging
-import threading
+import time
 import uuid
 import zlib
 from typing import Any
 
 import torch
+from PIL import Image
 
 from wsl_models.acquisition import acquisition, score_from_value
-from wsl_models.ensemble import Ensemble, EnsembleOutput
+from wsl_models.ensemble import EnsembleOutput
 from wsl_models.images import to_tensor
-from wsl_models.training import resolve_device
-from wsl_models.versions import ModelStore, VersionError
 
 from .fetch import FetchError, ImageFetcher
+from .holder import Served
+from .inference import InferenceEngine
 from .label_config import ProjectSchema, parse_label_config, parse_label_map
 from .rle import mask_to_rle
 from .settings import Settings
@@ -26,72 +27,20 @@ log = logging.getLogger(__name__)
 UNTRAINED = "untrained"
 
 
-class ModelHolder:
-    """This worker's current ensemble; reloaded when MODEL_DIR/CURRENT points elsewhere."""
-
-    def __init__(self, settings: Settings) -> None:
-        self.store = ModelStore(settings.model_dir)
-        self.device = resolve_device(settings.device)
-        self.amp = settings.amp
-        self.map_source = settings.map_source
-        self._lock = threading.Lock()
-        # (ensemble, version) replaced as one tuple: a reader never sees a mixed pair.
-        self._loaded: tuple[Ensemble | None, str | None] = (None, None)
-        self.last_error: str | None = None
-        self._pinned = False
-
-    def pin(self) -> tuple[Ensemble | None, str | None]:
-        """Keep the version loaded now, whatever CURRENT says later (a ranking run must not
-        switch versions halfway: its predictions would carry two)."""
-        loaded = self.get()
-        self._pinned = True
-        return loaded
-
-    def get(self) -> tuple[Ensemble | None, str | None]:
-        if self._pinned:
-            return self._loaded
-        wanted = self.store.current_id()
-        if wanted and wanted != self._loaded[1]:
-            with self._lock:
-                if wanted != self._loaded[1]:
-                    try:
-                        ensemble = self.store.load(wanted, self.device)
-                        ensemble.amp = self.amp
-                        self._apply_map_source(ensemble, wanted)
-                        self._loaded, self.last_error = (ensemble, wanted), None
-                        log.info("serving model version %s", wanted)
-                    except VersionError as exc:  # keep serving the version we have
-                        self.last_error = str(exc)
-                        log.error("cannot load version %s: %s", wanted, exc)
-        return self._loaded
-
-    def _apply_map_source(self, ensemble: Ensemble, version: str) -> None:
-        """MAP_SOURCE overrides the version's own source where the version has it."""
-        if not self.map_source:
-            return
-        if self.map_source in ensemble.config.sources:
-            ensemble.config.map_source = self.map_source
-        else:
-            log.warning("version %s has no %r maps (it has %s): serving its own %r",
-                        version, self.map_source, ensemble.config.sources,
-                        ensemble.config.map_source)  # fmt: skip
-
-    def versions(self) -> list[str]:
-        return self.store.version_ids()
-
-
 class CamLabelModel:
-    """One request's view of the model: the project's label config plus the shared ensemble."""
+    """One request's view: the project's label config and the version that serves it."""
 
     def __init__(
         self,
-        holder: ModelHolder,
+        served: Served,
+        engine: InferenceEngine,
         fetcher: ImageFetcher,
         settings: Settings,
         label_config: str,
-        project_id: str | None = None,
+        project_id: int | None = None,
     ) -> None:
-        self.holder = holder
+        self.ensemble, self.version = served  # one version for the whole request
+        self.engine = engine
         self.fetcher = fetcher
         self.settings = settings
         self.label_config = label_config
@@ -107,7 +56,7 @@ class CamLabelModel:
 
     @property
     def model_version(self) -> str:
-        return self.holder.get()[1] or UNTRAINED
+        return self.version or UNTRAINED
 
     def fit(self, event: str, data: dict[str, Any], queue: Any) -> str:
         """Training runs in the background: queue a job for the event's project."""
@@ -118,53 +67,56 @@ class CamLabelModel:
         tasks: list[dict[str, Any]],
         context: dict | None = None,
         embeddings: bool = False,
+        deadline: float | None = None,
     ) -> list[dict]:
         """One prediction per task, in order. A task that fails gets {"error": ...} only.
 
-        ``embeddings``: add each image's "embedding" (for batch diversity; not sent to LS).
+        Images are fetched in parallel until ``deadline`` (time.monotonic(); default now +
+        FETCH_DEADLINE), then go to the worker's inference thread. ``embeddings``: add each
+        image's "embedding" (for batch diversity; not sent to Label Studio).
         """
         if self.schema is None:
             self.setup()
-        ensemble, version = self.holder.get()
-        if ensemble is None:
+        if self.ensemble is None:
             return [{"result": [], "model_version": UNTRAINED} for _ in tasks]
-        out: list[dict] = []
-        batch = max(1, self.settings.predict_batch)
-        for start in range(0, len(tasks), batch):
-            out += self._predict_batch(ensemble, version, tasks[start : start + batch], embeddings)
-        return out
-
-    def _acquisition_values(self, out: EnsembleOutput, tasks: list[dict]) -> torch.Tensor:
-        """Per image; ``random`` is seeded by the task ids, so a task keeps its draw."""
-        ids = [t.get("id") for t in tasks if isinstance(t, dict)]
-        seed = zlib.crc32(repr(ids).encode())
-        gen = torch.Generator().manual_seed(seed)
-        return acquisition(self.acquisition)(out.mc_probs.flatten(0, 1), generator=gen)
-
-    def _predict_batch(
-        self, ensemble: Ensemble, version: str, tasks: list[dict], embeddings: bool = False
-    ) -> list[dict]:
+        if deadline is None:
+            deadline = time.monotonic() + self.settings.fetch_deadline
         results: list[dict | None] = [None] * len(tasks)
-        images = []
+        urls: dict[int, str] = {}
         for i, task in enumerate(tasks):
             try:
-                images.append((i, self.fetcher.fetch(self._image_url(task))))
+                urls[i] = self._image_url(task)
             except FetchError as exc:
-                task_id = task.get("id") if isinstance(task, dict) else None
-                log.warning("task %s: %s", task_id, exc)
-                results[i] = {"error": f"task {task_id}: {exc}"}
+                results[i] = self._error(task, exc)
+        fetched = self.fetcher.fetch_all(list(urls.values()), deadline)
+        images: list[tuple[int, Image.Image]] = []
+        for i, image in zip(urls, fetched, strict=True):
+            if isinstance(image, FetchError):
+                results[i] = self._error(tasks[i], image)
+            else:
+                images.append((i, image))
         if images:
-            size = ensemble.config.image_size
+            size = self.ensemble.config.image_size
             x = torch.stack([to_tensor(img, size) for _, img in images])
-            output = ensemble.predict(x, seed=0)
-            values = self._acquisition_values(output, [tasks[i] for i, _ in images])
-            for j, (i, img) in enumerate(images):
-                results[i] = self._task_result(
-                    ensemble, output, j, img.size, version, float(values[j])
-                )
-                if embeddings and output.embeddings is not None:
-                    results[i]["embedding"] = output.embeddings[j].numpy()
+            outputs = self.engine.predict(self.ensemble, x)
+            for (i, img), out in zip(images, outputs, strict=True):
+                value = self._acquisition_value(out, tasks[i])
+                results[i] = self._task_result(out, img.size, value)
+                if embeddings and out.embeddings is not None:
+                    results[i]["embedding"] = out.embeddings[0].numpy()
         return [r for r in results if r is not None]
+
+    @staticmethod
+    def _error(task: Any, exc: Exception) -> dict:
+        task_id = task.get("id") if isinstance(task, dict) else None
+        log.warning("task %s: %s", task_id, exc)
+        return {"error": f"task {task_id}: {exc}"}
+
+    def _acquisition_value(self, out: EnsembleOutput, task: Any) -> float:
+        """``random`` is seeded by the task id: a task keeps its draw, whatever its batch."""
+        task_id = task.get("id") if isinstance(task, dict) else None
+        gen = torch.Generator().manual_seed(zlib.crc32(repr(task_id).encode()))
+        return float(acquisition(self.acquisition)(out.mc_probs.flatten(0, 1), generator=gen)[0])
 
     def _image_url(self, task: Any) -> str:
         key = self.schema.image_key
@@ -174,16 +126,10 @@ class CamLabelModel:
             raise FetchError(f"the task data has no {key!r} field")
         return task["data"][key]
 
-    def _task_result(
-        self,
-        ensemble: Ensemble,
-        out: EnsembleOutput,
-        j: int,
-        size: tuple[int, int],
-        version: str,
-        acq_value: float,
-    ) -> dict:
-        schema, cfg = self.schema, ensemble.config
+    def _task_result(self, out: EnsembleOutput, size: tuple[int, int], acq_value: float) -> dict:
+        """The regions of one image (``out`` holds that image alone) at its displayed size."""
+        schema, ensemble, j = self.schema, self.ensemble, 0
+        cfg = ensemble.config
         width, height = size
         masks = ensemble.masks(out, j, (height, width))
         label = cfg.classes[masks.label]
@@ -226,7 +172,7 @@ class CamLabelModel:
             "result": regions,
             # Label Studio serves the lowest score first: score = 1 - acquisition value.
             "score": score_from_value(acq_value),
-            "model_version": version,
+            "model_version": self.version,
             "flagged": flagged,
             "confidence": confidence,
             "acquisition": {"function": self.acquisition, "value": acq_value},

@@ -5,6 +5,10 @@ project's ``model_version``, lowest first ("Uncertainty sampling"), and a Data M
 sort by the same column. So ranking = predict every task, store score = 1 - acquisition value
 in bulk, point the project at the version, switch sampling on, and save a sorted tab.
 
+Nothing is left half done: the new predictions are imported first, and only then is the project
+switched to the version and the version's older predictions removed. A ranking that fails
+removes what it imported and leaves the previous predictions, version and order in place.
+
 Streaming: one page of tasks at a time (memory stays bounded by the page size). With batch
 diversity on, the ``pool`` most informative predictions are held back until the end, the first
 query batch is picked among them (``diverse_order``, unlabelled tasks only), and its scores are lowered below every
@@ -25,11 +29,18 @@ from tqdm.auto import tqdm
 from wsl_models.acquisition import diverse_order
 
 from .fetch import ImageFetcher
+from .holder import ModelHolder
+from .inference import InferenceEngine
 from .ls_api import LabelStudioAPI, TrainingError
-from .model import UNTRAINED, CamLabelModel, ModelHolder
+from .model import CamLabelModel
 from .settings import Settings
 
 log = logging.getLogger(__name__)
+
+
+class RankingError(RuntimeError):
+    """A ranking that stopped; the project keeps its previous predictions."""
+
 
 VIEW_TITLE = "camlabel: most uncertain first"
 SAMPLING = "Uncertainty sampling"
@@ -106,21 +117,61 @@ def rank_project(
     """Score every task of the project with the current version; see the module docstring."""
     api = api or LabelStudioAPI(settings)
     project = api.project(project_id)
-    holder = ModelHolder(settings)
-    holder.pin()  # one version for the whole run, even if a training finishes meanwhile
-    model = CamLabelModel(holder, ImageFetcher(settings), settings,
-                          project["label_config"], str(project_id))  # fmt: skip
+    # One version for the whole run (its own line's, else the base model's), even if a
+    # training finishes meanwhile.
+    served = ModelHolder(settings).load_now(project_id)
+    if served[0] is None:
+        raise TrainingError("no model version to rank with: train one first")
+    engine = InferenceEngine(settings.predict_batch, settings.batch_invariant)
+    model = CamLabelModel(served, engine, ImageFetcher(settings), settings,
+                          project["label_config"], project_id)  # fmt: skip
     if acquisition:
         model.acquisition = acquisition
     model.setup()
     version = model.model_version
-    if version == UNTRAINED:
-        raise TrainingError("no model version to rank with: train one first")
     k = settings.rank_diversity if diversity is None else diversity
-    pool = 5 * k
     report = RankReport(project_id, version, model.acquisition)
     start = time.perf_counter()
-    api.delete_predictions(project_id, version)  # re-ranking replaces, never averages
+    # Re-ranking with the same version replaces its predictions, after the new ones are in.
+    older = [p["id"] for p in api.predictions(project_id) if p.get("model_version") == version]
+    try:
+        _score_pages(api, model, project, k, page_size, progress, report)
+        api.set_model_version(project_id, version)
+        api.set_sampling(project_id, SAMPLING)
+    except Exception as exc:
+        _remove_new(api, project, version, set(older))
+        raise RankingError(
+            f"ranking project {project_id} with {version} stopped after {report.ranked} of "
+            f"{report.tasks} tasks ({type(exc).__name__}: {exc}); what it imported was "
+            "removed, the previous predictions and order are kept"
+        ) from exc
+    finally:
+        engine.close()
+    report.view_id = save_view(api, project_id)
+    for pid in older:
+        api.delete_prediction(pid)
+    report.seconds = time.perf_counter() - start
+    log.info(
+        "ranked project %s: %d/%d tasks (%d failed) with %s by %s in %.1f s (%.1f images/s)",
+        project_id, report.ranked, report.tasks, report.failed, version, report.acquisition,
+        report.seconds, report.images_per_second,
+    )  # fmt: skip
+    return report
+
+
+def _score_pages(
+    api: LabelStudioAPI,
+    model: CamLabelModel,
+    project: dict,
+    k: int,
+    page_size: int,
+    progress: bool,
+    report: RankReport,
+) -> None:
+    """Predict and import every page; with diversity on, the ``5 k`` most informative
+    unlabelled predictions are held back and imported last, ordered (see the module doc)."""
+    project_id = int(project["id"])
+    pool = 5 * k
     held: list[tuple[float, int, dict]] = []  # min-heap on value: the `pool` largest kept
     floor = 1.0  # lowest score among predictions stored so far
     total = project.get("task_number") or None
@@ -156,16 +207,24 @@ def rank_project(
         report.diverse_batch = [p["task"] for p in ordered[:k]]
         api.import_predictions(project_id, [_stored(p["task"], p) for p in ordered])
         report.ranked += len(ordered)
-    api.set_model_version(project_id, version)
-    api.set_sampling(project_id, SAMPLING)
-    report.view_id = save_view(api, project_id)
-    report.seconds = time.perf_counter() - start
-    log.info(
-        "ranked project %s: %d/%d tasks (%d failed) with %s by %s in %.1f s (%.1f images/s)",
-        project_id, report.ranked, report.tasks, report.failed, version, report.acquisition,
-        report.seconds, report.images_per_second,
-    )  # fmt: skip
-    return report
+
+
+def _remove_new(api: LabelStudioAPI, project: dict, version: str, older: set[int]) -> None:
+    """Undo a failed ranking: its imports, and the project's version if it was switched
+    (best effort: Label Studio may be what failed)."""
+    project_id = int(project["id"])
+    try:
+        if project.get("model_version") and project["model_version"] != version:
+            api.set_model_version(project_id, project["model_version"])
+        if not older:  # a version new to the project: all of its predictions are ours
+            api.delete_predictions(project_id, version)
+            return
+        for p in api.predictions(project_id):
+            if p.get("model_version") == version and p["id"] not in older:
+                api.delete_prediction(p["id"])
+    except Exception:
+        log.exception("project %s: could not remove the predictions of a failed ranking",
+                      project_id)  # fmt: skip
 
 
 def save_view(api: LabelStudioAPI, project_id: int) -> int:

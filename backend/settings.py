@@ -15,15 +15,31 @@ def _env(name: str, default: str = "") -> str:
 
 @dataclass(frozen=True)
 class Settings:
-    model_dir: str = "models"  # MODEL_DIR: versions + CURRENT (shared by all workers)
+    # MODEL_DIR: one model line per project in projects/<id>/ (versions + CURRENT), the
+    # training queue and job state; shared by all workers.
+    model_dir: str = "models"
+    # BASE_MODEL: a model directory (`camlabel train --out`) that serves every project until
+    # the project's own first version, and that the first version fine-tunes from. Empty:
+    # MODEL_DIR itself (a MODEL_DIR from before per-project lines keeps serving that way).
+    base_model: str = ""
     label_studio_url: str = ""  # LABEL_STUDIO_URL: base for relative image URLs and the API
     label_studio_api_key: str = field(default="", repr=False)  # LABEL_STUDIO_API_KEY: PAT or legacy
     basic_auth_user: str = ""  # BASIC_AUTH_USER / BASIC_AUTH_PASS: protect every route
     basic_auth_pass: str = field(default="", repr=False)
     device: str = "auto"  # DEVICE: auto | cpu | cuda
     amp: str = "auto"  # AMP: auto (bfloat16/float16 autocast of the backbones on CUDA) | on | off
-    predict_batch: int = 8  # PREDICT_BATCH: images per forward pass (bounds memory)
-    fetch_timeout: float = 15.0  # FETCH_TIMEOUT: seconds per image download
+    # PREDICT_BATCH: at most this many images per forward pass (bounds memory); the worker's
+    # inference thread fills a batch with whatever requests are waiting.
+    predict_batch: int = 8
+    # BATCH_INVARIANT=0: forward a batch at once (faster on a GPU; a task's score may then
+    # differ in the 7th digit with its neighbours). Default 1: one forward per image.
+    batch_invariant: bool = True
+    fetch_timeout: float = 15.0  # FETCH_TIMEOUT: seconds a download may stall (per read)
+    # FETCH_DEADLINE: seconds from a /predict's arrival by which its images must be in (fetched
+    # FETCH_THREADS at a time); the rest get a per-task error, and the answer, inference
+    # included, stays inside Label Studio's 100 s predict timeout.
+    fetch_deadline: float = 60.0
+    fetch_threads: int = 8
     max_download_mb: int = 64  # MAX_DOWNLOAD_MB: larger responses are refused
     max_image_pixels: int = 100_000_000  # MAX_IMAGE_PIXELS: larger images are refused
     # ALLOWED_IMAGE_HOSTS: hosts images may come from besides LABEL_STUDIO_URL's, comma-
@@ -49,6 +65,7 @@ class Settings:
     def from_env(cls) -> Settings:
         return cls(
             model_dir=_env("MODEL_DIR", cls.model_dir),
+            base_model=_env("BASE_MODEL"),
             label_studio_url=_env("LABEL_STUDIO_URL").rstrip("/"),
             label_studio_api_key=_env("LABEL_STUDIO_API_KEY"),
             basic_auth_user=_env("BASIC_AUTH_USER"),
@@ -56,7 +73,10 @@ class Settings:
             device=_env("DEVICE", cls.device),
             amp=_env("AMP", cls.amp),
             predict_batch=int(_env("PREDICT_BATCH", str(cls.predict_batch))),
+            batch_invariant=_env("BATCH_INVARIANT", "1").lower() not in ("0", "false", "no", "off"),
             fetch_timeout=float(_env("FETCH_TIMEOUT", str(cls.fetch_timeout))),
+            fetch_deadline=float(_env("FETCH_DEADLINE", str(cls.fetch_deadline))),
+            fetch_threads=int(_env("FETCH_THREADS", str(cls.fetch_threads))),
             max_download_mb=int(_env("MAX_DOWNLOAD_MB", str(cls.max_download_mb))),
             max_image_pixels=int(_env("MAX_IMAGE_PIXELS", str(cls.max_image_pixels))),
             allowed_image_hosts=_env("ALLOWED_IMAGE_HOSTS"),

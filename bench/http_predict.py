@@ -33,7 +33,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from speed import make_ensemble  # noqa: E402
 
 from backend.fetch import ImageFetcher  # noqa: E402
-from backend.model import CamLabelModel, ModelHolder  # noqa: E402
+from backend.holder import ModelHolder  # noqa: E402
+from backend.inference import InferenceEngine  # noqa: E402
+from backend.model import CamLabelModel  # noqa: E402
 from backend.rle import mask_to_rle  # noqa: E402
 from backend.settings import Settings  # noqa: E402
 from wsl_models.members import PAPER_TRIO  # noqa: E402
@@ -129,7 +131,10 @@ def main() -> None:
 
     images = base.removeprefix("http://")
     settings = Settings(model_dir=model_dir, allowed_image_hosts=images)
-    model = CamLabelModel(ModelHolder(settings), ImageFetcher(settings), settings, CONFIG)
+    holder = ModelHolder(settings)
+    holder.preload()
+    engine = InferenceEngine(settings.predict_batch, settings.batch_invariant)
+    model = CamLabelModel(holder.get(), engine, ImageFetcher(settings), settings, CONFIG)
     model.setup()
     model.predict(payload["tasks"])
     rows = []

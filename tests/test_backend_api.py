@@ -18,24 +18,10 @@ from PIL import Image
 from backend.app import create_app
 from backend.rle import rle_to_mask
 from backend.settings import Settings
-from wsl_models.data import load_dataset
-from wsl_models.ensemble import EnsembleConfig
-from wsl_models.training import TrainConfig, train_ensemble
 from wsl_models.versions import ModelStore
 
 CONFIG = (Path(__file__).parents[1] / "label_config" / "finding_normal.xml").read_text()
 SYNTH_CONFIG = CONFIG.replace("finding", "lesion")
-
-
-@pytest.fixture(scope="module")
-def model_dir(synth_dir, tmp_path_factory):
-    ds = load_dataset(synth_dir)
-    cfg = EnsembleConfig(list(ds.classes), ["tiny", "tiny"], (96, 96), mask_classes=["lesion"])
-    tcfg = TrainConfig(epochs=20, lr=3e-3, weights="none", progress=False)
-    ensemble, metrics = train_ensemble(ds, cfg, tcfg)
-    root = tmp_path_factory.mktemp("models")
-    ModelStore(root).save(ensemble, metrics)
-    return root
 
 
 class _Handler(http.server.SimpleHTTPRequestHandler):
@@ -257,13 +243,16 @@ def test_corrupt_new_version_keeps_the_old_one_serving(model_dir, tmp_path):
 
     root = tmp_path / "m"
     shutil.copytree(model_dir, root)
-    client = create_app(Settings(model_dir=str(root))).test_client()
+    app = create_app(Settings(model_dir=str(root)))
+    client = app.test_client()
     store = ModelStore(root)
     old = store.current_id()
     # A new version appears, but one of its files is damaged.
     new = store.save(store.load(), {})
     weights = next((root / "versions" / new).glob("*.pt"))
     weights.write_bytes(weights.read_bytes()[:-5])
+    assert client.get("/health").get_json()["model_version"] == old  # its load starts
+    app.config["camlabel"]["holder"].settle()
     health = client.get("/health").get_json()
     assert health["model_version"] == old
     assert "corrupt" in health["load_error"]

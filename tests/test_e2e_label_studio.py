@@ -243,7 +243,9 @@ def test_pre_annotate_learn_and_rank(label_studio, backend, tmp_path):
     assert task_name  # every task name was resolved
 
     _rank_and_check(ls, server, pid, v2)
+    _a_failed_ranking_keeps_the_previous_predictions(ls, server, pid, v2)
     _worse_version_is_kept_but_not_served(ls, server, pid, v2)
+    _a_second_project_with_other_classes(ls, server, pid, v2, tmp_path)
     n = next(n for n in unlabelled if images[n] == "normal")  # still unannotated
     _kill_9_mid_training(ls, server, pid, v2, by_name[n]["id"], images[n])
 
@@ -259,11 +261,14 @@ def _settings(ls: LabelStudio, server: SimpleNamespace):
 def _own_values(ls, server, pid: int, tasks: list[dict], name: str) -> dict[int, float]:
     """The backend's own acquisition values, computed here in-process."""
     from backend.fetch import ImageFetcher
-    from backend.model import CamLabelModel, ModelHolder
+    from backend.holder import ModelHolder
+    from backend.inference import InferenceEngine
+    from backend.model import CamLabelModel
 
     settings = _settings(ls, server)
     config = ls.api("GET", f"/api/projects/{pid}").json()["label_config"]
-    model = CamLabelModel(ModelHolder(settings), ImageFetcher(settings), settings, config)
+    served = ModelHolder(settings).load_now(pid)
+    model = CamLabelModel(served, InferenceEngine(), ImageFetcher(settings), settings, config)
     model.acquisition = name
     preds = model.predict(tasks)
     return {t["id"]: p["acquisition"]["value"] for t, p in zip(tasks, preds, strict=True)}
@@ -335,14 +340,133 @@ def _worse_version_is_kept_but_not_served(ls, server, pid: int, current: str) ->
         members="tiny,tiny", image_size="96", epochs=1, weights="none", lr=0.003,
         tolerance=-100.0,  # a new version must be 100 points better: impossible
     )  # fmt: skip
-    version, promoted = train_from_project(_settings(ls, server), pid, strict)
-    store = ModelStore(server.model_dir)
+    version, promoted, _ = train_from_project(_settings(ls, server), pid, strict)
+    store = ModelStore(Path(server.model_dir) / "projects" / str(pid))  # the project's line
     assert not promoted and store.current_id() == current
     assert version in store.version_ids()
     promotion = store.manifest(version)["metrics"]["promotion"]
     assert promotion["accepted"] is False and "worse than the current" in promotion["reason"]
     assert promotion["compared_with"] == current
     assert ls.api("GET", f"/api/projects/{pid}").json()["model_version"] == current
+
+
+def _predictions(ls: LabelStudio, pid: int) -> dict[int, tuple[int, float, str]]:
+    """{prediction id: (task, score, version)} of the project."""
+    preds = ls.api("GET", "/api/predictions", params={"project": pid}).json()
+    return {p["id"]: (p["task"], p["score"], p["model_version"]) for p in preds}
+
+
+def _a_failed_ranking_keeps_the_previous_predictions(ls, server, pid: int, version: str) -> None:
+    """Label Studio refuses the second page of a re-ranking: what was imported is removed,
+    the previous predictions, scores and project version stay."""
+    from backend.ls_api import LabelStudioAPI, TrainingError
+    from backend.ranking import RankingError, rank_project
+
+    class RefusesThe2ndImport(LabelStudioAPI):
+        imports = 0
+
+        def import_predictions(self, project_id, predictions):
+            self.imports += 1
+            if self.imports == 2:
+                raise TrainingError("Label Studio POST import/predictions: HTTP 500 (injected)")
+            super().import_predictions(project_id, predictions)
+
+    settings = _settings(ls, server)
+    before = _predictions(ls, pid)
+    api = RefusesThe2ndImport(settings)
+    with pytest.raises(RankingError, match="previous predictions and order are kept"):
+        rank_project(settings, pid, "entropy", page_size=7, progress=False, api=api)
+    assert api.imports == 2  # the first page was imported, then removed
+    assert _predictions(ls, pid) == before
+    assert ls.api("GET", f"/api/projects/{pid}").json()["model_version"] == version
+
+
+B_CONFIG = CONFIG.replace('"finding"', '"malignant"').replace('"normal"', '"benign"')
+
+
+def _a_second_project_with_other_classes(ls, server, pid_a: int, v_a: str, tmp_path) -> None:
+    """Project B (malignant / benign) on the same backend: its annotations arrive in bulk
+    (ANNOTATIONS_CREATED), it trains its own line, and project A does not notice.
+
+    Label Studio 1.23 sends ANNOTATIONS_CREATED from one place: the Data Manager action that
+    turns predictions into annotations (an import of tasks with annotations sends nothing).
+    So B's labels come in as imported predictions of an earlier tool and are accepted in bulk."""
+    import base64
+
+    before_a = _predictions(ls, pid_a)
+    view_a = next(v for v in ls.api("GET", "/api/dm/views", params={"project": pid_a}).json()
+                  if v["data"]["title"] == "camlabel: most uncertain first")  # fmt: skip
+    tab_a = ls.api("GET", "/api/tasks", params={"project": pid_a, "view": view_a["id"]}).json()
+    r = ls.api("POST", "/api/projects", json={"title": "camlabel e2e B", "label_config": B_CONFIG})
+    assert r.status_code == 201, r.text
+    pid_b = r.json()["id"]
+    connect = subprocess.run(
+        [sys.executable, "-m", "backend.cli", "connect", "--project", str(pid_b),
+         "--backend-url", server.plain_url],
+        env={**server.env, "LABEL_STUDIO_URL": ls.url, "LABEL_STUDIO_API_KEY": ls.pat},
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert connect.returncode == 0, connect.stderr[-2000:]
+    rng = np.random.default_rng(11)
+    tasks = []
+    for i in range(16):
+        label = "malignant" if i % 2 == 0 else "benign"
+        img, _ = blob_image(rng, (96, 96), 1 if label == "malignant" else 0)
+        Image.fromarray(img).save(tmp_path / "b.png")
+        uri = (
+            "data:image/png;base64," + base64.b64encode((tmp_path / "b.png").read_bytes()).decode()
+        )
+        choice = {"from_name": "diagnosis", "to_name": "image", "type": "choices",
+                  "value": {"choices": [label]}}  # fmt: skip
+        prior = [{"model_version": "earlier-tool", "result": [choice]}] if i < 12 else []
+        tasks.append({"data": {"image": uri}, "predictions": prior})  # 4 stay unlabelled
+    r = ls.api("POST", f"/api/projects/{pid_b}/import", json=tasks)
+    assert r.status_code == 201, r.text
+    r = ls.api(
+        "POST",
+        "/api/dm/actions",
+        params={"id": "predictions_to_annotations", "project": pid_b},
+        json={"selectedItems": {"all": True, "excluded": []}, "model_version": "earlier-tool"},
+    )  # 12 annotations at once: one ANNOTATIONS_CREATED webhook
+    assert r.status_code == 200, r.text
+    v_b = _settled_version(server.url, pid_b)  # trained by the ANNOTATIONS_CREATED webhook
+    job_b = requests.get(f"{server.url}/health", timeout=5).json()["jobs"][str(pid_b)]
+    assert job_b["promoted"] is True and job_b["ranking"] == "done", job_b
+    manifest = requests.get(f"{server.url}/versions/{v_b}", timeout=5).json()
+    assert manifest["config"]["classes"] == ["benign", "malignant"]
+    assert manifest["metrics"]["source"]["project"] == pid_b
+    assert manifest["metrics"]["fine_tuned_from"] is None  # A's model is not B's teacher
+
+    # A: same version, same predictions, same order, still served from its own line.
+    assert ls.api("GET", f"/api/projects/{pid_a}").json()["model_version"] == v_a
+    assert _predictions(ls, pid_a) == before_a
+    again = ls.api("GET", "/api/tasks", params={"project": pid_a, "view": view_a["id"]}).json()
+    assert [t["id"] for t in again["tasks"]] == [t["id"] for t in tab_a["tasks"]]
+    task_a = ls.api("GET", "/api/tasks", params={"project": pid_a}).json()["tasks"][0]
+    config_a = ls.api("GET", f"/api/projects/{pid_a}").json()["label_config"]
+    body = {"tasks": [task_a], "label_config": config_a, "project": f"{pid_a}.1700000000"}
+    r = requests.post(f"{server.url}/predict", json=body, timeout=60).json()
+    assert r["model_version"] == v_a
+    choices = [x for x in r["results"][0]["result"] if x["type"] == "choices"]
+    assert choices[0]["value"]["choices"][0] in ("finding", "normal")
+    versions_a = requests.get(f"{server.url}/versions", params={"project": pid_a}, timeout=5)
+    assert v_a in versions_a.json()["versions"] and v_b not in versions_a.json()["versions"]
+
+    # B: its own version, its own labels, and Label Studio serves B by B's scores.
+    assert ls.api("GET", f"/api/projects/{pid_b}").json()["model_version"] == v_b
+    preds_b = [p for p in _predictions(ls, pid_b).values() if p[2] == v_b]
+    assert len(preds_b) == 16 and len({t for t, _, _ in preds_b}) == 16
+    stored = ls.api("GET", "/api/predictions", params={"project": pid_b}).json()
+    labels = {
+        r["value"]["choices"][0] for p in stored for r in p["result"] if r["type"] == "choices"
+    }
+    assert labels <= {"malignant", "benign"} and labels
+    open_b = {t["id"] for t in ls.api("GET", "/api/tasks", params={"project": pid_b}).json()["tasks"]
+              if not t["total_annotations"]}  # fmt: skip
+    assert len(open_b) == 4
+    lowest = min((score, task) for task, score, _ in preds_b if task in open_b)[1]
+    nxt = ls.api("GET", f"/api/projects/{pid_b}/next")
+    assert nxt.status_code == 200 and nxt.json()["id"] == lowest
 
 
 def _children(pid: int) -> list[int]:
@@ -377,8 +501,8 @@ def _kill_9_mid_training(ls, server, pid: int, current: str, task_id: int, label
     config = ls.api("GET", f"/api/projects/{pid}").json()["label_config"]
     task = ls.api("GET", f"/api/tasks/{task_id}").json()
     for _ in range(6):  # both workers' turns, one of them freshly forked
-        r = requests.post(f"{server.url}/predict", json={"tasks": [task], "label_config": config},
-                          timeout=60)  # fmt: skip
+        body = {"tasks": [task], "label_config": config, "project": f"{pid}.1700000000"}
+        r = requests.post(f"{server.url}/predict", json=body, timeout=60)
         assert r.status_code == 200 and r.json()["model_version"] == current
         assert r.json()["results"][0]["result"]
 

@@ -83,23 +83,43 @@ def test_half_written_versions_are_never_listed_or_loaded(tmp_path):
     assert store.current_id() is None
 
 
-def test_a_pinned_holder_keeps_its_version_when_current_moves(tmp_path):
+def test_a_new_version_loads_in_the_background_while_the_old_one_serves(tmp_path, monkeypatch):
+    """No request waits on a load: until the new version is in, the previous one answers."""
+    import threading
+
     import torch
 
-    from backend.model import ModelHolder
+    from backend.holder import ModelHolder
     from wsl_models.ensemble import Ensemble, EnsembleConfig
     from wsl_models.members import build_member
 
     cfg = EnsembleConfig(classes=["a", "b"], members=["tiny"], image_size=(64, 64))
     store = ModelStore(tmp_path)
     first = store.save(Ensemble([build_member("tiny", 2, decoder=True)], cfg), {})
-    settings = Settings(model_dir=str(tmp_path))
-    pinned, live = ModelHolder(settings), ModelHolder(settings)
-    assert pinned.pin()[1] == first and live.get()[1] == first
+    holder = ModelHolder(Settings(model_dir=str(tmp_path)))
+    holder.preload()
+    assert holder.get()[1] == first
     torch.manual_seed(1)
     second = store.save(Ensemble([build_member("tiny", 2, decoder=True)], cfg), {})
-    assert live.get()[1] == second
-    assert pinned.get()[1] == first
+
+    release, loaded = threading.Event(), threading.Event()
+    real_load = ModelStore.load
+
+    def slow_load(self, *args, **kwargs):
+        release.wait(60)  # a large version on a slow disk
+        try:
+            return real_load(self, *args, **kwargs)
+        finally:
+            loaded.set()
+
+    monkeypatch.setattr(ModelStore, "load", slow_load)
+    for _ in range(3):
+        assert holder.get()[1] == first  # answered while the load is blocked
+    assert not loaded.is_set()
+    release.set()
+    holder.settle()
+    assert holder.get()[1] == second
+    assert holder.load_now(None)[1] == second  # what a ranking run pins
 
 
 def test_a_replica_without_a_usable_queue_still_serves_predictions(tmp_path):
@@ -128,3 +148,68 @@ def test_a_replica_without_a_usable_queue_still_serves_predictions(tmp_path):
                                       "label_config": config})  # fmt: skip
     assert r.status_code == 200 and r.get_json()["model_version"] == version
     assert r.get_json()["results"][0]["result"]
+
+
+def test_a_failure_between_the_pending_flag_and_the_job_leaves_neither(tmp_path, monkeypatch):
+    """The flag and the job are one transaction: a crash between them (here: the job's write
+    fails) must not leave a flag that answers every later webhook "already queued"."""
+    import sqlite3
+
+    settings = Settings(model_dir=str(tmp_path))
+    client = create_app(settings).test_client()
+    queue = client.application.config["camlabel"]["queue"]
+
+    def disk_full(cursor, job):
+        raise sqlite3.OperationalError("database or disk is full")
+
+    monkeypatch.setattr(queue, "_write_job", disk_full)
+    hook = {"action": "ANNOTATION_CREATED", "project": {"id": 3}}
+    r = client.post("/webhook", json=hook)
+    assert r.status_code == 503 and "disk is full" in r.get_json()["error"]
+    assert queue.huey.pending_count() == 0
+    assert queue.huey.get("pending-3", peek=True) is None  # no flag left behind
+    monkeypatch.undo()
+    for expected in ("queued", "already-queued"):
+        r = client.post("/webhook", json=hook)
+        assert r.status_code == 200 and r.get_json()["status"] == expected
+    assert queue.huey.pending_count() == 1
+    assert queue.huey.get("pending-3", peek=True) == "1"  # what the job pops when it starts
+    # The consumer's side: the job starts (clears the flag) and fails without Label Studio.
+    queue.huey.execute(queue.huey.dequeue())
+    assert queue.huey.get("pending-3", peek=True) is None
+    assert "LABEL_STUDIO_URL" in queue.log.get(3)["error"]
+
+
+def test_bulk_imported_annotations_queue_training(tmp_path):
+    client = create_app(Settings(model_dir=str(tmp_path))).test_client()
+    hook = {"action": "ANNOTATIONS_CREATED", "annotation": [{"id": 1}, {"id": 2}],
+            "project": {"id": 12}}  # fmt: skip
+    r = client.post("/webhook", json=hook)
+    assert r.get_json() == {"status": "queued", "action": "ANNOTATIONS_CREATED", "project": 12}
+    assert TrainingQueue(Settings(model_dir=str(tmp_path))).log.get(12)["state"] == "queued"
+
+
+def test_job_state_is_kept_per_project_in_its_line(tmp_path):
+    queue = TrainingQueue(Settings(model_dir=str(tmp_path)))
+    queue.log.write(4, state="done", version="v4")
+    queue.log.write(9, state="failed", error="boom")
+    assert (tmp_path / "projects" / "4" / "job.json").is_file()
+    assert queue.log.read() == {"4": queue.log.get(4), "9": queue.log.get(9)}
+    assert queue.log.get(4)["version"] == "v4" and queue.log.get(9)["error"] == "boom"
+
+
+def test_a_failed_ranking_is_reported_in_the_job_state(tmp_path, monkeypatch):
+    """The version is promoted but its ranking failed: the job says the previous predictions
+    are kept (what rank_project guarantees is checked against Label Studio in the e2e test)."""
+    import backend.jobs as jobs
+
+    def trained_but_not_ranked(settings, project_id, train):
+        return "v2", True, "Label Studio POST /api/projects/5/import/predictions: HTTP 500"
+
+    monkeypatch.setattr(jobs, "train_from_project", trained_but_not_ranked)
+    queue = TrainingQueue(Settings(model_dir=str(tmp_path)), immediate=True)
+    assert queue.enqueue({"id": 5}) == "queued"
+    job = queue.log.get(5)
+    assert job["state"] == "done" and job["version"] == "v2" and job["promoted"] is True
+    assert job["ranking"].startswith("failed, the previous predictions are kept: ")
+    assert "HTTP 500" in job["ranking"]

@@ -143,6 +143,24 @@ class EnsembleOutput:
     def member_probs(self) -> torch.Tensor:
         return self.mc_probs.mean(dim=1)
 
+    def select(self, images: slice) -> EnsembleOutput:
+        """The results of some of the batch's images (a batch made of several requests)."""
+        maps = [[m[images] for m in group] for group in (self.cams, self.localizer_maps,
+                                                          self.decoder_maps)]  # fmt: skip
+        return EnsembleOutput(
+            self.member_keys,
+            self.mc_probs[:, :, images],
+            maps[0],
+            self.probs[images],
+            self.label[images],
+            self.agree[:, images],
+            {k: v[images] for k, v in self.uncertainty.items()},
+            self.flagged[images],
+            None if self.embeddings is None else self.embeddings[images],
+            maps[1],
+            maps[2],
+        )
+
     @property
     def confidence(self) -> torch.Tensor:
         return self.probs.gather(1, self.label[:, None]).squeeze(1)

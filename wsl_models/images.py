@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
+from struct import error as struct_error
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 # Refuse anything above this many pixels before decoding (a 30k x 30k PNG would need 2.7 GB).
 MAX_PIXELS = 100_000_000
@@ -18,7 +19,8 @@ class ImageError(ValueError):
 
 
 def open_image(source: str | Path | bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
-    """Decode to RGB, checking the size from the header before the pixels are decoded."""
+    """Decode to RGB as a browser shows it (EXIF orientation applied: camera JPEGs store their
+    pixels sideways and say so in a tag), checking the size from the header first."""
     name = "<bytes>" if isinstance(source, bytes) else str(source)
     try:
         fp = io.BytesIO(source) if isinstance(source, bytes) else open(source, "rb")  # noqa: SIM115
@@ -33,7 +35,7 @@ def open_image(source: str | Path | bytes, max_pixels: int = MAX_PIXELS) -> Imag
                         f"{name}: {w}x{h} pixels is above the limit of {max_pixels} pixels"
                     )
                 img.load()
-                return img.convert("RGB")
+                return _upright(img).convert("RGB")
         except ImageError:
             raise
         except Image.DecompressionBombError as exc:
@@ -42,6 +44,15 @@ def open_image(source: str | Path | bytes, max_pixels: int = MAX_PIXELS) -> Imag
             raise ImageError(f"{name}: not an image file") from exc
         except (OSError, SyntaxError, ValueError) as exc:
             raise ImageError(f"{name}: corrupt or truncated image ({exc})") from exc
+
+
+def _upright(img: Image.Image) -> Image.Image:
+    """The image turned by its EXIF orientation (2-8); a broken EXIF block is ignored, as
+    browsers do."""
+    try:
+        return ImageOps.exif_transpose(img)
+    except (OSError, SyntaxError, ValueError, TypeError, KeyError, struct_error):
+        return img
 
 
 def open_mask(path: str | Path, size: tuple[int, int] | None = None) -> np.ndarray:

@@ -25,21 +25,24 @@ def mc_dropout_probs(
     draws one dropout mask shared by the whole batch (one "thinned network" per sample), so an
     image's samples do not depend on which images share its batch: the live /predict of one
     task and the bulk ranking of a page agree. For one image the draws match T full-network
-    passes with only dropout in train mode, pass by pass.
+    passes with only dropout in train mode seeded alike, pass by pass.
     """
     if samples < 1:
         raise ValueError("samples must be >= 1")
-    with torch.random.fork_rng(devices=[] if pooled.device.type == "cpu" else [pooled.device]):
-        if seed is not None:
-            torch.manual_seed(seed)
-        p = member.dropout.p
-        ones = torch.ones(1, pooled.shape[1], device=pooled.device, dtype=pooled.dtype)
-        out = [
-            torch.softmax(
-                member.head(pooled * torch.nn.functional.dropout(ones, p, training=True)), dim=-1
-            )
-            for _ in range(samples)
-        ]
+    # Our own generator, never the process-wide RNG: requests served on other threads draw
+    # from that one concurrently, which made a task's score depend on its neighbours.
+    gen = torch.Generator(device=pooled.device)
+    if seed is not None:
+        gen.manual_seed(seed)
+    else:
+        gen.seed()
+    keep = 1.0 - member.dropout.p
+    ones = torch.ones(1, pooled.shape[1], device=pooled.device, dtype=pooled.dtype)
+    out = []
+    for _ in range(samples):
+        # F.dropout's draws (bernoulli of 1 - p, scaled by 1 / (1 - p)), taken from ``gen``.
+        mask = torch.empty_like(ones).bernoulli_(keep, generator=gen).div_(max(keep, 1e-12))
+        out.append(torch.softmax(member.head(pooled * mask), dim=-1))
     return torch.stack(out)
 
 

@@ -1,0 +1,101 @@
+"""Label Studio annotations <-> a training dataset on disk (images/, masks/, labels.csv).
+
+Images are decoded as the browser shows them (EXIF orientation applied), so a brush RLE, which
+Label Studio stores at the displayed size, lands on the right pixels.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from .fetch import FetchError, ImageFetcher
+from .label_config import parse_label_config
+from .rle import rle_to_mask
+
+log = logging.getLogger(__name__)
+
+
+def _latest_annotation(task: dict) -> dict | None:
+    live = [a for a in task.get("annotations", []) if not a.get("was_cancelled")]
+    return max(live, key=lambda a: a.get("updated_at") or a.get("created_at") or "", default=None)
+
+
+def _image_label(results: list[dict], schema: Any) -> str:
+    """The Choices answer; else the one brush label used; else "" (unlabelled)."""
+    for r in results:
+        if r.get("from_name") == schema.choices_name and r.get("value", {}).get("choices"):
+            return r["value"]["choices"][0]
+    brushes = {b for r in results if r.get("type") == "brushlabels"
+               for b in r.get("value", {}).get("brushlabels", [])}  # fmt: skip
+    return brushes.pop() if len(brushes) == 1 else ""
+
+
+def annotated_labels(tasks: list[dict], label_config: str) -> set[str]:
+    """The image labels the tasks' latest annotations give (before any image is fetched)."""
+    schema = parse_label_config(label_config)
+    labels = set()
+    for task in tasks:
+        annotation = _latest_annotation(task)
+        labels.add(_image_label(annotation.get("result", []) if annotation else [], schema))
+    return labels - {""}
+
+
+def collect_dataset(
+    tasks: list[dict],
+    label_config: str,
+    fetcher: ImageFetcher,
+    out: Path,
+    unlabelled: list[dict] | None = None,
+) -> dict[str, int]:
+    """Write tasks as a dataset (images/, masks/, labels.csv) under ``out``.
+
+    Per task whatever exists: the image label (Choices, or the single brush label used), a
+    human mask (union of the BrushLabels regions), or neither for ``unlabelled`` tasks (they
+    teach through pseudo-masks). Annotated tasks with neither, and tasks whose image fails,
+    are skipped and counted.
+    """
+    schema = parse_label_config(label_config)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    (out / "masks").mkdir(parents=True, exist_ok=True)
+    rows = []
+    counts = {"tasks": len(tasks), "used": 0, "labelled": 0, "masks": 0, "unlabelled": 0,
+              "skipped": 0}  # fmt: skip
+    work = [(t, True) for t in tasks] + [(t, False) for t in unlabelled or []]
+    for task, annotated in work:
+        annotation = _latest_annotation(task) if annotated else None
+        results = annotation.get("result", []) if annotation else []
+        label = _image_label(results, schema)
+        brush = [
+            r for r in results if r.get("type") == "brushlabels" and r.get("value", {}).get("rle")
+        ]
+        if annotated and not label and not brush:
+            counts["skipped"] += 1
+            continue
+        try:
+            image = fetcher.fetch(task["data"][schema.image_key])
+        except (FetchError, KeyError, TypeError) as exc:
+            log.warning("training: task %s skipped: %s", task.get("id"), exc)
+            counts["skipped"] += 1
+            continue
+        name = f"task_{task['id']}.png"
+        image.save(out / "images" / name)
+        mask = np.zeros((image.height, image.width), bool)
+        for r in brush:
+            mask |= rle_to_mask(r["value"]["rle"], image.height, image.width)
+        if mask.any():
+            Image.fromarray(mask.astype(np.uint8) * 255).save(out / "masks" / name)
+            counts["masks"] += 1
+        rows.append({"image": name, "label": label, "split": "train"})
+        counts["used"] += 1
+        counts["labelled" if label else "unlabelled"] += 1
+    with (out / "labels.csv").open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=["image", "label", "split"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return counts

@@ -1,0 +1,235 @@
+"""How a worker serves: one inference thread batching across requests, results that do not
+depend on timing or neighbours, a model line per project, per-task fetch deadlines."""
+
+from __future__ import annotations
+
+import base64
+import io
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+import torch
+from PIL import Image
+from werkzeug.serving import make_server
+
+from backend.app import create_app
+from backend.inference import InferenceEngine
+from backend.settings import Settings
+from wsl_models.ensemble import Ensemble, EnsembleConfig
+from wsl_models.members import build_member
+from wsl_models.synthetic import blob_image
+from wsl_models.versions import ModelStore
+
+CONFIG = (Path(__file__).parents[1] / "label_config" / "finding_normal.xml").read_text()
+SYNTH_CONFIG = CONFIG.replace("finding", "lesion")
+
+
+def _png_uri(img: np.ndarray) -> str:
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _tasks(n: int, seed: int = 0) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        img, _ = blob_image(rng, (80 + 8 * (i % 3), 96), i % 2)
+        out.append({"id": 100 + i, "data": {"image": _png_uri(img)}})
+    return out
+
+
+def _comparable(pred: dict) -> dict:
+    """Everything of a prediction but the random region ids."""
+    regions = [{k: v for k, v in r.items() if k != "id"} for r in pred["result"]]
+    return {**pred, "result": regions}
+
+
+class _Server:
+    """The Flask app behind a real threaded HTTP server on loopback (as gunicorn threads)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.app = create_app(settings)
+        self.httpd = make_server("127.0.0.1", 0, self.app, threaded=True)
+        self.url = f"http://127.0.0.1:{self.httpd.server_port}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def predict(self, tasks: list[dict], project: str = "1.1") -> dict:
+        body = {"tasks": tasks, "label_config": SYNTH_CONFIG, "project": project}
+        r = requests.post(f"{self.url}/predict", json=body, timeout=120)
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+
+
+def test_concurrent_clients_get_exactly_what_each_task_gets_alone(model_dir):
+    """4 clients x 4 tasks, 3 rounds, while another thread uses the global RNG: every score,
+    uncertainty and mask equals the task predicted alone, bit for bit."""
+    server = _Server(Settings(model_dir=str(model_dir), predict_batch=8))
+    try:
+        tasks = _tasks(16)
+        alone = {t["id"]: _comparable(server.predict([t])["results"][0]) for t in tasks}
+        assert len({p["score"] for p in alone.values()}) > 8  # the scores really differ
+        stop = threading.Event()
+
+        def global_rng_user() -> None:  # e.g. a library seeding torch on another thread
+            while not stop.is_set():
+                torch.manual_seed(int(time.time_ns() % 1000))
+                torch.rand(64)
+
+        noise = threading.Thread(target=global_rng_user, daemon=True)
+        noise.start()
+        engine = server.app.config["camlabel"]["engine"]
+        before = engine.batches
+        try:
+            for round_ in range(3):
+                clients = [tasks[k::4] for k in range(4)]  # each client sends its 4, one by one
+
+                def run(own: list[dict]) -> list[tuple[int, dict]]:
+                    return [(t["id"], server.predict([t])["results"][0]) for t in own]
+
+                with ThreadPoolExecutor(4) as pool:
+                    got = [p for ps in pool.map(run, clients) for p in ps]
+                assert len(got) == 16
+                for tid, pred in got:
+                    assert _comparable(pred) == alone[tid], f"round {round_}, task {tid}"
+                # A request of several tasks (one forward) agrees too.
+                many = server.predict(tasks[:6])["results"]
+                assert [_comparable(p) for p in many] == [alone[t["id"]] for t in tasks[:6]]
+        finally:
+            stop.set()
+            noise.join()
+        forwards = engine.batches - before
+        print(f"{3 * 16 + 3 * 6} images in {forwards} forwards")
+        assert forwards <= 3 * 16 + 3  # never more forwards than requests
+    finally:
+        server.close()
+
+
+@pytest.mark.parametrize("exact", [True, False])
+def test_the_engine_batches_whatever_is_waiting(exact):
+    """While one batch runs, three requests arrive: they share the next batch (one forward per
+    image when exact, else one forward)."""
+    cfg = EnsembleConfig(classes=["a", "b"], members=["tiny"], image_size=(64, 64))
+    ensemble = Ensemble([build_member("tiny", 2, decoder=True)], cfg)
+    running, release = threading.Event(), threading.Event()
+    real_predict = ensemble.predict
+    sizes: list[int] = []
+
+    def predict(x, seed=None, amp=None):
+        sizes.append(len(x))
+        running.set()
+        release.wait(30)
+        return real_predict(x, seed=seed, amp=amp)
+
+    ensemble.predict = predict
+    engine = InferenceEngine(max_batch=8, exact=exact)
+    images = torch.rand(7, 3, 64, 64)
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            first = pool.submit(engine.predict, ensemble, images[:1])
+            assert running.wait(30)
+            later = [pool.submit(engine.predict, ensemble, images[i : i + 2]) for i in (1, 3, 5)]
+            while len(engine._jobs) < 3:  # all three are waiting behind the running forward
+                time.sleep(0.01)
+            release.set()
+            outs = [first.result(30)] + [f.result(30) for f in later]
+    finally:
+        engine.close()
+    assert engine.batches == 2
+    assert sizes == ([1] * 7 if exact else [1, 6])
+    ensemble.predict = real_predict
+    direct = real_predict(images, seed=0)
+    got = [o for group in outs for o in group]
+    assert len(got) == 7
+    for i, out in enumerate(got):
+        alone = real_predict(images[i : i + 1], seed=0)
+        assert torch.equal(out.probs, alone.probs if exact else direct.probs[i : i + 1])
+        assert torch.allclose(out.mc_probs[:, :, 0], direct.mc_probs[:, :, i], atol=1e-5)
+        assert torch.allclose(out.cams[0][0], direct.cams[0][i], atol=1e-5)
+
+
+def _saved(root: Path, classes: list[str], seed: int) -> str:
+    torch.manual_seed(seed)
+    cfg = EnsembleConfig(classes=classes, members=["tiny"], image_size=(64, 64))
+    return ModelStore(root).save(
+        Ensemble([build_member("tiny", len(classes), decoder=True)], cfg), {}
+    )
+
+
+def test_each_project_is_served_from_its_own_line(model_dir, tmp_path):
+    import shutil
+
+    root = tmp_path / "m"
+    shutil.copytree(model_dir, root)  # a MODEL_DIR from before per-project lines: the base
+    base = ModelStore(root).current_id()
+    own = _saved(root / "projects" / "7", ["benign", "malignant"], 1)
+    app = create_app(Settings(model_dir=str(root)))
+    client = app.test_client()
+    tasks = _tasks(1)
+    config7 = CONFIG.replace("finding", "benign").replace("normal", "malignant")
+
+    def predict(project, config):
+        body = {"tasks": tasks, "label_config": config, "project": project}
+        return client.post("/predict", json=body).get_json()
+
+    assert predict("7.1712", config7)["model_version"] == own
+    assert predict("8.1712", SYNTH_CONFIG)["model_version"] == base  # no line: the base
+    assert client.post("/setup", json={"schema": config7, "project": "7.1"}).get_json() == {
+        "model_version": own
+    }
+    assert client.get("/versions?project=7").get_json()["versions"] == [base, own]
+    assert client.get("/versions?project=8").get_json()["versions"] == [base]
+    assert client.get(f"/versions/{own}").get_json()["config"]["classes"] == ["benign", "malignant"]
+    health = client.get("/health").get_json()
+    assert health["model_version"] == base and health["projects"] == {"7": own}
+
+    # Project 8 gets its first version: project 7 does not notice; 8 switches once it is loaded
+    # (meanwhile the base keeps answering it).
+    first8 = _saved(root / "projects" / "8", ["lesion", "normal"], 2)
+    assert predict("8.1712", SYNTH_CONFIG)["model_version"] in (base, first8)
+    app.config["camlabel"]["holder"].settle()
+    assert predict("8.1712", SYNTH_CONFIG)["model_version"] == first8
+    assert predict("7.1712", config7)["model_version"] == own
+    assert predict("9", SYNTH_CONFIG)["model_version"] == base
+
+
+def test_images_past_the_deadline_get_their_own_error(model_dir):
+    """One task's image host hangs: the others are answered, that one gets an error, and the
+    request does not wait for the hung download."""
+    import http.server
+
+    class Slow(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            time.sleep(5)
+
+        def log_message(self, *args):
+            pass
+
+    slow = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Slow)
+    threading.Thread(target=slow.serve_forever, daemon=True).start()
+    host = f"127.0.0.1:{slow.server_address[1]}"
+    settings = Settings(model_dir=str(model_dir), allowed_image_hosts=host, fetch_deadline=1.0,
+                        fetch_timeout=30.0)  # fmt: skip
+    client = create_app(settings).test_client()
+    tasks = _tasks(3)
+    tasks.insert(1, {"id": 9, "data": {"image": f"http://{host}/hang.png"}})
+    try:
+        start = time.monotonic()
+        r = client.post("/predict", json={"tasks": tasks, "label_config": SYNTH_CONFIG})
+        took = time.monotonic() - start
+    finally:
+        slow.shutdown()
+    assert r.status_code == 200
+    results = r.get_json()["results"]
+    assert "deadline" in results[1]["error"] and "task 9" in results[1]["error"]
+    assert all("result" in results[i] for i in (0, 2, 3))
+    assert took < 4.5  # not the hung host's 5 s (the deadline is 1 s)

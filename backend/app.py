@@ -80,6 +80,7 @@ def create_app(settings: Settings | None = None, queue: TrainingQueue | None = N
         "queue": queue,
     }
     holder.preload()  # every line's current version, once per worker, before any request
+    holder.watch()  # then new versions load in the background as they appear
 
     def body() -> dict[str, Any]:
         data = request.get_json(silent=True)

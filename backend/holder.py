@@ -3,7 +3,8 @@
 A version is loaded (hash-checked, moved to the device) in a background thread and swapped in
 whole when ready; until then the line's previous version keeps serving, so no request and no
 /health probe ever waits on a load. Only the start of a worker loads synchronously
-(``preload``), before it accepts requests.
+(``preload``), before it accepts requests; then a watcher checks every line's CURRENT each
+second, so new versions are usually in before anyone asks for them.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ class ModelHolder:
         self._loading: dict[str, Future] = {}
         self._errors: dict[str, tuple[str, str]] = {}  # line key -> (version, why it failed)
         self._loader = ThreadPoolExecutor(1, thread_name_prefix="camlabel-load")
+        self._stop = threading.Event()
 
     @property
     def last_error(self) -> str | None:
@@ -48,16 +50,47 @@ class ModelHolder:
             if vid:
                 self._load(key, vid)
 
+    def watch(self, interval: float = 1.0) -> None:
+        """Check every line's CURRENT every ``interval`` seconds and load what changed, so a
+        version trained a moment ago is in before its project's next request (a request
+        would otherwise get the previous version once, while its load starts)."""
+
+        def loop() -> None:
+            while not self._stop.wait(interval):
+                try:
+                    self.refresh()
+                except Exception:  # a transient filesystem error must not end the watch
+                    log.exception("checking the model lines failed")
+
+        threading.Thread(target=loop, name="camlabel-watch", daemon=True).start()
+
+    def refresh(self) -> None:
+        """Start loading every line whose CURRENT differs from what is loaded."""
+        for key in [BASE, *(str(p) for p in self.lines.project_ids())]:
+            wanted = self.lines.store(key).current_id()
+            if wanted:
+                with self._lock:
+                    self._schedule(key, wanted)
+
+    def close(self) -> None:
+        self._stop.set()
+
+    def _schedule(self, key: str, wanted: str) -> None:
+        """Under the lock: load ``wanted`` for line ``key`` in the background if it is new."""
+        have = self._loaded.get(key)
+        stale = have is None or have[1] != wanted
+        failed = self._errors.get(key, ("",))[0] == wanted  # not retried on every request
+        if stale and not failed and key not in self._loading:
+            self._loading[key] = self._loader.submit(self._load, key, wanted)
+
     def get(self, pid: int | None = None) -> Served:
         """The version serving project ``pid`` now. A newer one is loaded in the background;
         meanwhile the version that served this project before answers."""
         key, wanted = self.lines.serving(pid)
         with self._lock:
+            if wanted:
+                self._schedule(key, wanted)
             have = self._loaded.get(key)
-            stale = wanted and (have is None or have[1] != wanted)
-            failed = self._errors.get(key, ("",))[0] == wanted  # not retried on every request
-            if stale and not failed and key not in self._loading:
-                self._loading[key] = self._loader.submit(self._load, key, wanted)
             if have is None:  # this line is not loaded yet: what served the project so far
                 have = self._loaded.get(self._served.get(pid, BASE))
             else:

@@ -19,7 +19,8 @@ import requests
 from PIL import Image
 
 from backend.rle import mask_to_rle, rle_to_mask
-from wsl_models.synthetic import blob_image
+from wsl_models.synthetic import blob_image, make_dataset
+from wsl_models.versions import ModelStore
 
 from .ls_harness import LS_BIN, LabelStudio, free_port, wait_http
 
@@ -43,11 +44,30 @@ def label_studio(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def backend(label_studio, tmp_path_factory):
+def base_model(tmp_path_factory) -> Path:
+    """A model trained offline with `camlabel train` on finding / normal images: the base model
+    that serves every project until the project's first version (and that version's start)."""
+    data = make_dataset(tmp_path_factory.mktemp("base_data"), {"train": 12}, (96, 96), 5)
+    table = data / "labels.csv"
+    table.write_text(table.read_text().replace(",lesion,", ",finding,"))
+    out = tmp_path_factory.mktemp("base_model")
+    train = subprocess.run(
+        [sys.executable, "-m", "backend.cli", "train", "--data", str(data), "--out", str(out),
+         "--members", "tiny,tiny", "--image-size", "96", "--weights", "none", "--epochs", "15",
+         "--lr", "0.003", "--mask-classes", "finding"],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert train.returncode == 0, train.stderr[-2000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def backend(label_studio, base_model, tmp_path_factory):
     port = free_port()
     env = {
         **os.environ,
         "MODEL_DIR": str(tmp_path_factory.mktemp("models")),
+        "BASE_MODEL": str(base_model),
         "LABEL_STUDIO_URL": label_studio.url,
         "LABEL_STUDIO_API_KEY": label_studio.pat,
         "PORT": str(port),
@@ -77,7 +97,7 @@ def backend(label_studio, tmp_path_factory):
     wait_http(f"{url}/health", 60, proc)
     assert requests.get(f"{plain}/health", timeout=5).status_code == 401
     yield SimpleNamespace(url=url, plain_url=plain, model_dir=env["MODEL_DIR"], pid=proc.pid,
-                          env=env)  # fmt: skip
+                          env=env, base=ModelStore(base_model).current_id())  # fmt: skip
     proc.terminate()
     proc.wait(timeout=30)
 
@@ -155,6 +175,12 @@ def test_pre_annotate_learn_and_rank(label_studio, backend, tmp_path):
     assert hook["headers"] == {"X-Camlabel-Webhook-Secret": "e2e-webhook-secret"}
     assert "e2e-webhook-secret" not in connect.stdout + connect.stderr
 
+    # Before its first training the project is served by the base model.
+    config = ls.api("GET", f"/api/projects/{pid}").json()["label_config"]
+    body = {"tasks": [tasks[0]], "label_config": config, "project": f"{pid}.1700000000"}
+    served = requests.post(f"{backend}/predict", json=body, timeout=60).json()
+    assert served["model_version"] == server.base and served["results"][0]["result"]
+
     # Annotators give image-level labels to 14 images; 6 stay unlabelled.
     names = sorted(images)
     labelled, unlabelled = names[:14], names[14:]
@@ -168,6 +194,12 @@ def test_pre_annotate_learn_and_rank(label_studio, backend, tmp_path):
     assert ls.api("POST", f"/api/ml/{ml_id}/train").status_code in (200, 201)
     v1 = _settled_version(backend, pid)
     assert ls.api("GET", f"/api/projects/{pid}").json()["model_version"] == v1
+    # The line's first version (the webhook burst may have made several) started from the
+    # base model, whose pseudo-masks also taught it on the unannotated tasks.
+    line = ModelStore(Path(server.model_dir) / "projects" / str(pid)).version_ids()
+    assert v1 in line and server.base not in line
+    first = requests.get(f"{backend}/versions/{line[0]}", timeout=5).json()["metrics"]
+    assert first["fine_tuned_from"] == server.base and first["source"]["unlabelled"] > 0
 
     # The job stored predictions of v1 for every task. A task imported now has none: Label
     # Studio's "Retrieve predictions" sends it to /predict (tasks with a v1 prediction are skipped).

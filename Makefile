@@ -59,6 +59,8 @@ bench: setup labelstudio
 	$(PY) bench/localization.py --data $(DATA) --out bench/results/localization
 	$(PY) bench/speed.py --out bench/results/speed.json
 	$(PY) bench/load_predict.py --out bench/results/load_predict.json
+	$(PY) bench/http_predict.py --out bench/results/http_predict.json
+	$(PY) bench/batch_invariance.py --out bench/results/batch_invariance.json
 	$(PY) bench/rank_throughput.py --tasks 10000 --out bench/results/rank_throughput.json
 	$(PY) bench/learning_curve.py --data $(DATA) \
 		--settings random,entropy,random+pseudo,bald,full,random+pseudo+minmax --rounds 4 --k 8

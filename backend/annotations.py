@@ -36,14 +36,21 @@ def _image_label(results: list[dict], schema: Any) -> str:
     return brushes.pop() if len(brushes) == 1 else ""
 
 
-def annotated_labels(tasks: list[dict], label_config: str) -> set[str]:
+def annotated_labels(tasks: list[dict], label_config: str, review_label: str = "") -> set[str]:
     """The image labels the tasks' latest annotations give (before any image is fetched)."""
     schema = parse_label_config(label_config)
     labels = set()
     for task in tasks:
         annotation = _latest_annotation(task)
-        labels.add(_image_label(annotation.get("result", []) if annotation else [], schema))
+        results = annotation.get("result", []) if annotation else []
+        results = [r for r in results if not review_label or review_label not in _brush_labels(r)]
+        labels.add(_image_label(results, schema))
     return labels - {""}
+
+
+def _brush_labels(result: Any) -> list:
+    value = result.get("value") if isinstance(result, dict) else None
+    return (value.get("brushlabels") or []) if isinstance(value, dict) else []
 
 
 def collect_dataset(
@@ -52,8 +59,12 @@ def collect_dataset(
     fetcher: ImageFetcher,
     out: Path,
     unlabelled: list[dict] | None = None,
+    review_label: str = "",
 ) -> dict[str, int]:
     """Write tasks as a dataset (images/, masks/, labels.csv) under ``out``.
+
+    Brush regions labelled ``review_label`` (the "review here" layer an annotator may have
+    submitted along with the mask) are not part of any mask or label.
 
     Per task whatever exists: the image label (Choices, or the single brush label used), a
     human mask (union of the BrushLabels regions), or neither for ``unlabelled`` tasks (they
@@ -70,6 +81,8 @@ def collect_dataset(
     for task, annotated in work:
         annotation = _latest_annotation(task) if annotated else None
         results = annotation.get("result", []) if annotation else []
+        if review_label:
+            results = [r for r in results if review_label not in _brush_labels(r)]
         label = _image_label(results, schema)
         brush = [
             r for r in results if r.get("type") == "brushlabels" and r.get("value", {}).get("rle")

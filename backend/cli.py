@@ -75,6 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--backend-url", required=True, help="the backend's URL as Label Studio reaches it"
     )
     c.add_argument("--title", default="camlabel")
+    c.add_argument(
+        "--interactive",
+        action="store_true",
+        help="switch on interactive pre-annotations: smart rectangles and keypoints re-segment",
+    )
     c.set_defaults(func=cmd_connect)
     w = sub.add_parser("worker", help="run the training queue (started by serve)")
     w.add_argument("--parent", type=int, default=None, help="exit when this process is gone")
@@ -103,9 +108,12 @@ def cmd_connect(args: argparse.Namespace) -> int:
     from backend.connect import connect_project
     from backend.settings import Settings
 
-    c = connect_project(Settings.from_env(), args.project, args.backend_url, args.title)
+    c = connect_project(
+        Settings.from_env(), args.project, args.backend_url, args.title, args.interactive
+    )
     print(
-        f"project {c.project}: ML backend {c.ml_backend} at {args.backend_url}, webhook "
+        f"project {c.project}: ML backend {c.ml_backend} at {args.backend_url}"
+        f"{' (interactive)' if c.interactive else ''}, webhook "
         f"{c.webhook} {'with the secret header' if c.secured else 'without a secret'}"
     )
     return 0

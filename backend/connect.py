@@ -24,15 +24,25 @@ class Connection:
     ml_backend: int
     webhook: int
     secured: bool
+    interactive: bool = False
 
 
 def connect_project(
-    settings: Settings, project_id: int, backend_url: str, title: str = "camlabel"
+    settings: Settings,
+    project_id: int,
+    backend_url: str,
+    title: str = "camlabel",
+    interactive: bool = False,
 ) -> Connection:
-    """Create (or update) the project's ML backend at ``backend_url`` and secure its webhook."""
+    """Create (or update) the project's ML backend at ``backend_url`` and secure its webhook.
+
+    ``interactive``: Label Studio's "Interactive preannotations" switch: smart tools
+    (smart="true" rectangles and keypoints, label_config/interactive.xml) then ask the backend
+    to re-segment."""
     api = LabelStudioAPI(settings)
     url = backend_url.rstrip("/")
-    body: dict = {"project": project_id, "url": url, "title": title, "is_interactive": False}
+    body: dict = {"project": project_id, "url": url, "title": title,
+                  "is_interactive": interactive}  # fmt: skip
     if settings.basic_auth_user:
         body |= {
             "auth_method": "BASIC_AUTH",
@@ -57,4 +67,5 @@ def connect_project(
     if settings.webhook_secret:
         headers = {**(hook.get("headers") or {}), WEBHOOK_SECRET_HEADER: settings.webhook_secret}
         api.call("PATCH", f"/api/webhooks/{hook['id']}", json={"headers": headers})
-    return Connection(project_id, int(ml["id"]), int(hook["id"]), bool(settings.webhook_secret))
+    return Connection(project_id, int(ml["id"]), int(hook["id"]), bool(settings.webhook_secret),
+                      bool(ml.get("is_interactive", interactive)))  # fmt: skip

@@ -34,6 +34,7 @@ MC_SEED = 0  # every prediction draws the same MC Dropout masks: scores are repr
 class _Job:
     ensemble: Ensemble
     images: torch.Tensor  # (n, 3, H, W)
+    samples: int | None = None  # MC Dropout samples (None: the version's own; 0: none)
     future: Future = field(default_factory=Future)
 
 
@@ -48,10 +49,12 @@ class InferenceEngine:
         self._thread.start()
         self.batches = 0  # batches run so far (benchmarks report images per batch)
 
-    def predict(self, ensemble: Ensemble, images: torch.Tensor) -> list[EnsembleOutput]:
+    def predict(
+        self, ensemble: Ensemble, images: torch.Tensor, samples: int | None = None
+    ) -> list[EnsembleOutput]:
         """One output per image (batch of 1 each), in order; blocks until they are computed."""
         jobs = [
-            _Job(ensemble, images[i : i + self.max_batch])
+            _Job(ensemble, images[i : i + self.max_batch], samples)
             for i in range(0, len(images), self.max_batch)
         ]
         with self._cond:
@@ -76,7 +79,8 @@ class InferenceEngine:
             batch = [self._jobs.popleft()]
             size = len(batch[0].images)
             for job in list(self._jobs):
-                if job.ensemble is batch[0].ensemble and size + len(job.images) <= self.max_batch:
+                same = job.ensemble is batch[0].ensemble and job.samples == batch[0].samples
+                if same and size + len(job.images) <= self.max_batch:
                     self._jobs.remove(job)
                     batch.append(job)
                     size += len(job.images)
@@ -90,7 +94,7 @@ class InferenceEngine:
                 step = 1 if self.exact else len(x)
                 per_image: list[EnsembleOutput] = []
                 for i in range(0, len(x), step):
-                    out = ensemble.predict(x[i : i + step], seed=MC_SEED)
+                    out = ensemble.predict(x[i : i + step], seed=MC_SEED, samples=batch[0].samples)
                     per_image += [out.select(slice(j, j + 1)) for j in range(len(out.probs))]
                 self.batches += 1
             except Exception as exc:  # the requests get the error, the thread lives on

@@ -141,7 +141,7 @@ def train_from_project(
     work = lines.project_dir(project_id) / "jobs" / f"job-{int(time.time())}"
     try:
         tasks = api.annotated_tasks(project_id)
-        classes = annotated_labels(tasks, project["label_config"])
+        classes = annotated_labels(tasks, project["label_config"], settings.review_label)
         if previous is not None and not classes <= set(previous.config.classes):
             log.info("project %s: labels %s are not all classes of the %s version %s: "
                      "trained from the backbone weights", project_id, sorted(classes), key,
@@ -154,8 +154,9 @@ def train_from_project(
             else []
         )
         counts = collect_dataset(
-            tasks, project["label_config"], ImageFetcher(settings), work, extra
-        )
+            tasks, project["label_config"], ImageFetcher(settings), work, extra,
+            review_label=settings.review_label,
+        )  # fmt: skip
         log.info("training project %s on %s", project_id, counts)
         if counts["labelled"] < 4:
             raise TrainingError(f"too few labelled images to train: {counts}")

@@ -8,16 +8,20 @@ import uuid
 import zlib
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 
+from wsl_models import refine
 from wsl_models.acquisition import acquisition, score_from_value
 from wsl_models.ensemble import EnsembleOutput
 from wsl_models.images import to_tensor
+from wsl_models.masks import review_region
 
 from .fetch import FetchError, ImageFetcher
 from .holder import Served
 from .inference import InferenceEngine
+from .interactive import PromptError, current_mask, parse_prompt
 from .label_config import ProjectSchema, parse_label_config, parse_label_map
 from .rle import mask_to_rle
 from .settings import Settings
@@ -81,6 +85,8 @@ class CamLabelModel:
             return [{"result": [], "model_version": UNTRAINED} for _ in tasks]
         if deadline is None:
             deadline = time.monotonic() + self.settings.fetch_deadline
+        if context:  # a smart tool's prompt (interactive mode): one brush region per task
+            return [self._prompted(task, context, deadline) for task in tasks]
         results: list[dict | None] = [None] * len(tasks)
         urls: dict[int, str] = {}
         for i, task in enumerate(tasks):
@@ -126,6 +132,61 @@ class CamLabelModel:
             raise FetchError(f"the task data has no {key!r} field")
         return task["data"][key]
 
+    def _prompted(self, task: Any, context: dict, deadline: float) -> dict:
+        """The prompted label's mask: a rectangle re-segments inside it, keypoints add or
+        remove objects on top of the current mask; from the probability map (no MC samples,
+        no ranking) refined on the image by GrabCut."""
+        try:
+            (image,) = self.fetcher.fetch_all([self._image_url(task)], deadline)
+            if isinstance(image, FetchError):
+                raise image
+            prompt = parse_prompt(context, image.size)
+            schema, ensemble = self.schema, self.ensemble
+            if prompt.label not in schema.brush_labels:
+                raise PromptError(f"the label {prompt.label!r} is not a BrushLabels label of "
+                                  f"this project ({', '.join(schema.brush_labels) or 'none'})")  # fmt: skip
+            cfg = ensemble.config
+            x = to_tensor(image, cfg.image_size)[None]
+            (out,) = self.engine.predict(ensemble, x, samples=0)
+            classes = [c for c in cfg.classes
+                       if schema.label_for(c, (prompt.label,), self.label_map)]  # fmt: skip
+            label = cfg.classes.index(classes[0]) if classes else None
+            width, height = image.size
+            masks = ensemble.masks(out, 0, (height, width), label=label)
+            pixels, prob = np.asarray(image), masks.intersection_map
+            mask = np.zeros((height, width), bool)
+            for box in prompt.boxes:
+                mask |= refine.box_mask(pixels, prob, box)
+            if prompt.clicks and not prompt.boxes:  # clicks edit the mask the annotator sees
+                start = current_mask(task, schema.brush_name, prompt.label, image.size)
+                if start is None and masks.mask is not None:
+                    start = masks.mask  # no draft or prediction: the pre-annotation
+                mask = start if start is not None else mask
+            if prompt.clicks:
+                mask = refine.apply_clicks(pixels, prob, mask, prompt.clicks)
+        except (FetchError, PromptError) as exc:
+            return self._error(task, exc)
+        confidence = float(out.confidence[0])
+        region = self._brush(schema.brush_name, prompt.label, mask, image.size, confidence)
+        return {"result": [region], "model_version": self.version, "score": confidence}
+
+    def _brush(
+        self, name: str, label: str, mask: np.ndarray, size: tuple[int, int], score: float
+    ) -> dict:
+        """A BrushLabels region at the displayed ``size`` = (W, H)."""
+        width, height = size
+        return {
+            "id": uuid.uuid4().hex[:10],
+            "from_name": name,
+            "to_name": self.schema.image_name,
+            "type": "brushlabels",
+            "original_width": width,
+            "original_height": height,
+            "image_rotation": 0,
+            "value": {"format": "rle", "rle": mask_to_rle(mask), "brushlabels": [label]},
+            "score": score,
+        }
+
     def _task_result(self, out: EnsembleOutput, size: tuple[int, int], acq_value: float) -> dict:
         """The regions of one image (``out`` holds that image alone) at its displayed size."""
         schema, ensemble, j = self.schema, self.ensemble, 0
@@ -154,10 +215,14 @@ class CamLabelModel:
         has_mask = masks.mask is not None and masks.mask.any()
         brush = schema.label_for(label, schema.brush_labels, mapping) if has_mask else None
         if brush is not None:
-            rle = mask_to_rle(masks.mask)
-            value = {"format": "rle", "rle": rle, "brushlabels": [brush]}
-            size_fields = {"original_width": width, "original_height": height, "image_rotation": 0}
-            regions.append(region(schema.brush_name, "brushlabels", value, **size_fields))
+            regions.append(self._brush(schema.brush_name, brush, masks.mask, size, confidence))
+            review = self.settings.review_label
+            if review and review in schema.brush_labels:  # "review here": where it is unsure
+                agreeing = [masks.member_masks[n] for n in masks.agreeing]
+                band = self.settings.review_band_values
+                unsure = review_region(agreeing, masks.intersection_map, band)
+                if unsure.any():
+                    regions.append(self._brush(schema.brush_name, review, unsure, size, confidence))
         unc = {k: float(v[j]) for k, v in out.uncertainty.items()}
         flagged = bool(out.flagged[j])
         # Visible in the region panel: why this task was ranked where it is.

@@ -60,6 +60,21 @@ class Settings:
     # version's own (decoder for versions trained with one, else cam). A source a version
     # lacks is ignored for that version (logged).
     map_source: str = ""
+    # REVIEW_LABEL: a BrushLabels label of the project (e.g. "Uncertain"); when set, each
+    # pre-annotation gets a second brush region with it where the mask is unsure: the agreeing
+    # members disagree, or the consensus map is inside REVIEW_BAND ("low,high"). Off: "".
+    review_label: str = ""
+    review_band: str = "0.3,0.7"
+
+    @property
+    def review_band_values(self) -> tuple[float, float]:
+        try:
+            low, high = (float(v) for v in self.review_band.split(","))
+        except ValueError as exc:
+            raise ValueError(f"REVIEW_BAND must be 'low,high', got {self.review_band!r}") from exc
+        if not 0 <= low < high <= 1:
+            raise ValueError(f"REVIEW_BAND needs 0 <= low < high <= 1, got {self.review_band!r}")
+        return low, high
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -86,4 +101,6 @@ class Settings:
             acquisition=_env("ACQUISITION", cls.acquisition),
             rank_diversity=int(_env("RANK_DIVERSITY", str(cls.rank_diversity))),
             map_source=_env("MAP_SOURCE").lower(),
+            review_label=_env("REVIEW_LABEL"),
+            review_band=_env("REVIEW_BAND", cls.review_band),
         )

@@ -544,3 +544,66 @@ def _kill_9_mid_training(ls, server, pid: int, current: str, task_id: int, label
     source = requests.get(f"{server.url}/versions/{version}", timeout=5).json()["metrics"]["source"]
     assert version != current and source["labelled"] == 16  # the new annotation is in
     assert trainer not in _children(server.pid)
+
+
+def test_smart_tools_re_segment_through_label_studio(label_studio, backend, tmp_path):
+    """Interactive mode on: Label Studio's interactive-annotating endpoint, with a rectangle and
+    with a keypoint as the labeling UI sends them, answers one brush region at the image's
+    displayed size, inside the rectangle, with the prompted label; nothing is stored."""
+    from wsl_models.synthetic import disk_image
+
+    ls, server = label_studio, backend
+    config = (ROOT / "label_config" / "interactive.xml").read_text()
+    r = ls.api("POST", "/api/projects", json={"title": "camlabel smart", "label_config": config})
+    assert r.status_code == 201, r.text
+    pid = r.json()["id"]
+    img, disk = disk_image(np.random.default_rng(8), (96, 128), 1)  # 128 wide, 96 high
+    Image.fromarray(img).save(tmp_path / "smart.png")
+    r = ls.api("POST", f"/api/projects/{pid}/import",
+               files={"smart.png": (tmp_path / "smart.png").open("rb")})  # fmt: skip
+    assert r.status_code == 201, r.text
+    connect = subprocess.run(
+        [sys.executable, "-m", "backend.cli", "connect", "--project", str(pid),
+         "--backend-url", server.plain_url, "--interactive"],
+        env={**server.env, "LABEL_STUDIO_URL": ls.url, "LABEL_STUDIO_API_KEY": ls.pat},
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert connect.returncode == 0 and "(interactive)" in connect.stdout, connect.stderr[-2000:]
+    (ml,) = ls.api("GET", "/api/ml", params={"project": pid}).json()
+    assert ml["is_interactive"] is True
+    (task,) = ls.api("GET", "/api/tasks", params={"project": pid}).json()["tasks"]
+    ys, xs = np.nonzero(disk)
+    x0, y0, x1, y1 = xs.min() - 6, ys.min() - 6, xs.max() + 7, ys.max() + 7
+    common = {"original_width": 128, "original_height": 96, "image_rotation": 0,
+              "to_name": "image", "origin": "manual"}  # fmt: skip
+    rect = {**common, "id": "r1", "from_name": "box", "type": "rectanglelabels",
+            "value": {"x": 100 * x0 / 128, "y": 100 * y0 / 96, "width": 100 * (x1 - x0) / 128,
+                      "height": 100 * (y1 - y0) / 96, "rotation": 0,
+                      "rectanglelabels": ["finding"]}}  # fmt: skip
+    cx, cy = float(xs.mean()), float(ys.mean())
+    point = {**common, "id": "k1", "from_name": "point", "type": "keypointlabels",
+             "is_positive": True,
+             "value": {"x": 100 * cx / 128, "y": 100 * cy / 96, "width": 0.6,
+                       "keypointlabels": ["finding"]}}  # fmt: skip
+    before = len(ls.api("GET", "/api/predictions", params={"project": pid}).json())
+    for prompt in (rect, point):
+        r = ls.api("POST", f"/api/ml/{ml['id']}/interactive-annotating",
+                   json={"task": task["id"], "context": {"result": [prompt]}})  # fmt: skip
+        assert r.status_code == 200 and "errors" not in r.json(), r.text
+        answer = r.json()["data"]
+        assert answer["model_version"] == server.base  # the base model serves this project
+        (region,) = answer["result"]
+        assert region["type"] == "brushlabels" and region["value"]["brushlabels"] == ["finding"]
+        assert (region["original_width"], region["original_height"]) == (128, 96)
+        mask = rle_to_mask(region["value"]["rle"], 96, 128)
+        assert mask.any()
+        iou = (mask & disk).sum() / (mask | disk).sum()
+        print(f"{prompt['type']}: IoU {iou:.2f} with the disk")
+        if prompt is rect:
+            inside = np.zeros_like(mask)
+            inside[max(y0 - 1, 0) : y1 + 1, max(x0 - 1, 0) : x1 + 1] = True
+            assert not (mask & ~inside).any()
+            assert iou >= 0.5
+        else:
+            assert mask[int(cy), int(cx)]
+    assert len(ls.api("GET", "/api/predictions", params={"project": pid}).json()) == before

@@ -124,11 +124,11 @@ def test_the_engine_batches_whatever_is_waiting(exact):
     real_predict = ensemble.predict
     sizes: list[int] = []
 
-    def predict(x, seed=None, amp=None):
+    def predict(x, seed=None, amp=None, samples=None):
         sizes.append(len(x))
         running.set()
         release.wait(30)
-        return real_predict(x, seed=seed, amp=amp)
+        return real_predict(x, seed=seed, amp=amp, samples=samples)
 
     ensemble.predict = predict
     engine = InferenceEngine(max_batch=8, exact=exact)

@@ -207,13 +207,19 @@ class Ensemble:
         return self
 
     def predict(
-        self, images: torch.Tensor, seed: int | None = None, amp: str | None = None
+        self,
+        images: torch.Tensor,
+        seed: int | None = None,
+        amp: str | None = None,
+        samples: int | None = None,
     ) -> EnsembleOutput:
         """images: (B, 3, H, W) float in [0, 1] at the config's image size.
 
         ``amp`` (default ``self.amp``): auto | on | off. With autocast on (CUDA only) the
         backbones run in bfloat16 (float16 where unsupported); the head, the MC-Dropout samples
         and the CAMs are computed from their float32 feature maps. Nothing changes on CPU.
+        ``samples`` (default the config's ``mc_samples``): MC Dropout samples; 0 = the
+        deterministic head only (interactive prompts need maps, not uncertainty).
         """
         cfg = self.config
         images = images.to(self.device)
@@ -246,7 +252,11 @@ class Ensemble:
                 pooled = features.mean(dim=(2, 3))
                 embeddings.append(torch.nn.functional.normalize(pooled.float(), dim=1).cpu())
                 s = None if seed is None else seed + i
-                mc.append(mc_dropout_probs(member, pooled, cfg.mc_samples, s).float().cpu())
+                t = cfg.mc_samples if samples is None else samples
+                if t > 0:
+                    mc.append(mc_dropout_probs(member, pooled, t, s).float().cpu())
+                else:
+                    mc.append(torch.softmax(member.head(pooled), dim=-1)[None].float().cpu())
                 cam, loc, dec = heads(member, features, taps)
                 if cfg.tta_flip:
                     cam_m, loc_m, dec_m = heads(member, *forward(member, images.flip(-1)))

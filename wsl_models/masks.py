@@ -87,3 +87,16 @@ def calibrate_threshold(
     miou = (iou_fg + iou_bg) / 2
     best = int(np.argmax(miou))
     return float(edges[best]), float(miou[best])
+
+
+def review_region(
+    member_masks: list[np.ndarray], score_map: np.ndarray, band: tuple[float, float]
+) -> np.ndarray:
+    """Where a mask is unsure: the agreeing members' masks disagree (some say foreground,
+    some not), or the consensus map lies strictly inside ``band`` = (low, high)."""
+    low, high = band
+    unsure = (score_map > low) & (score_map < high)
+    if len(member_masks) > 1:
+        stack = np.stack(member_masks)
+        unsure |= stack.any(axis=0) & ~stack.all(axis=0)
+    return unsure

@@ -1,0 +1,250 @@
+"""Interactive refinement: smart rectangles and keypoints re-segment with the project's model,
+and the "review here" layer."""
+
+from __future__ import annotations
+
+import base64
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from scipy import ndimage
+
+from backend.app import create_app
+from backend.rle import mask_to_rle, rle_to_mask
+from backend.settings import Settings
+from wsl_models import refine
+from wsl_models.masks import review_region
+from wsl_models.synthetic import disk_image
+
+CONFIG = (Path(__file__).parents[1] / "label_config" / "interactive.xml").read_text()
+SYNTH_CONFIG = CONFIG.replace('"finding"', '"lesion"')
+
+
+def _disk(seed: int, size=(120, 160)) -> tuple[np.ndarray, np.ndarray]:
+    return disk_image(np.random.default_rng(seed), size, 1)
+
+
+def _two_disks() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """An image with two separate disks: (image, left disk, right disk)."""
+    rng = np.random.default_rng(2)
+    img, _ = disk_image(rng, (100, 200), 0)  # textured background only
+    yy, xx = np.mgrid[0:100, 0:200]
+    left = (yy - 50) ** 2 + (xx - 50) ** 2 <= 18**2
+    right = (yy - 50) ** 2 + (xx - 150) ** 2 <= 18**2
+    out = img.astype(float)
+    out[left | right] += np.array([90, 45, 12])
+    return np.clip(out, 0, 255).astype(np.uint8), left, right
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    return float((a & b).sum() / max((a | b).sum(), 1))
+
+
+# ---------------------------------------------------------------- the image math
+
+
+def test_a_box_mask_stays_in_the_box_and_covers_the_disk():
+    img, disk = _disk(0)
+    ys, xs = np.nonzero(disk)
+    box = (xs.min() - 12, ys.min() - 10, xs.max() + 12, ys.max() + 10)
+    # A coarse map, as a CAM at 1/32 is: blurred far beyond the edge and off by 8 px.
+    vague = ndimage.shift(ndimage.gaussian_filter(disk.astype(float), 10), (8, 8))
+    vague /= vague.max()
+    mask = refine.box_mask(img, vague, box)
+    x0, y0, x1, y1 = refine.clip_box(box, disk.shape)
+    outside = np.ones_like(mask)
+    outside[y0:y1, x0:x1] = False
+    assert not (mask & outside).any()
+    iou = _iou(mask, disk)
+    print(f"box IoU {iou:.2f}, the probability map's own {_iou(vague > 0.5, disk):.2f}")
+    assert iou >= 0.7
+
+
+def test_a_box_over_a_blank_map_still_finds_the_object():
+    """The model sees nothing (e.g. an unseen class), the box says an object is there."""
+    img, disk = _disk(5)
+    ys, xs = np.nonzero(disk)
+    box = (xs.min() - 10, ys.min() - 10, xs.max() + 10, ys.max() + 10)
+    mask = refine.box_mask(img, np.zeros(disk.shape), box)
+    assert _iou(mask, disk) >= 0.6
+
+
+def test_a_negative_click_removes_the_component_under_it():
+    _, left, right = _two_disks()
+    mask = left | right
+    out = refine.apply_clicks(np.zeros((100, 200, 3), np.uint8), np.zeros((100, 200)), mask,
+                              [(150, 50, False)])  # fmt: skip
+    assert np.array_equal(out, left)
+    # A negative click on background changes nothing.
+    same = refine.apply_clicks(np.zeros((100, 200, 3), np.uint8), np.zeros((100, 200)), mask,
+                               [(100, 90, False)])  # fmt: skip
+    assert np.array_equal(same, mask)
+
+
+def test_a_positive_click_on_a_missed_disk_adds_it():
+    img, left, right = _two_disks()
+    prob = np.where(left, 0.9, 0.1)  # the model found the left disk only
+    out = refine.apply_clicks(img, prob, left.copy(), [(150, 50, True)])
+    assert (out & left).sum() == left.sum()  # the left one stays
+    added = out & ~left
+    print(f"added disk IoU {_iou(added, right):.2f}")
+    assert _iou(added, right) >= 0.6
+
+
+def test_review_region_holds_disagreement_and_the_uncertain_band():
+    a = np.zeros((4, 4), bool)
+    a[:2] = True
+    b = np.zeros((4, 4), bool)
+    b[:1] = True
+    score = np.zeros((4, 4))
+    score[3, 3] = 0.5
+    region = review_region([a, b], score, (0.3, 0.7))
+    expected = a & ~b
+    expected[3, 3] = True
+    assert np.array_equal(region, expected)
+
+
+# ---------------------------------------------------------------- through /predict
+
+
+def _uri(img: np.ndarray) -> str:
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _prompt(client, task, items, config=SYNTH_CONFIG):
+    body = {"tasks": [task], "label_config": config, "project": "1.1",
+            "params": {"context": {"result": items}}}  # fmt: skip
+    r = client.post("/predict", json=body)
+    assert r.status_code == 200, r.text
+    return r.get_json()["results"][0]
+
+
+def _rect(x, y, w, h, label="lesion"):
+    return {"type": "rectanglelabels", "from_name": "box", "to_name": "image",
+            "original_width": 160, "original_height": 120,
+            "value": {"x": x, "y": y, "width": w, "height": h, "rectanglelabels": [label]}}  # fmt: skip
+
+
+def _point(x, y, positive=True, label="lesion"):
+    return {"type": "keypointlabels", "from_name": "point", "to_name": "image",
+            "is_positive": positive, "original_width": 160, "original_height": 120,
+            "value": {"x": x, "y": y, "width": 1, "keypointlabels": [label]}}  # fmt: skip
+
+
+@pytest.fixture()
+def client(model_dir):
+    return create_app(Settings(model_dir=str(model_dir))).test_client()
+
+
+def test_a_smart_rectangle_answers_one_brush_region_inside_it(client):
+    img, disk = _disk(1)
+    ys, xs = np.nonzero(disk)
+    x0, y0, x1, y1 = xs.min() - 8, ys.min() - 8, xs.max() + 8, ys.max() + 8
+    task = {"id": 1, "data": {"image": _uri(img)}}
+    rect = _rect(100 * x0 / 160, 100 * y0 / 120, 100 * (x1 - x0) / 160, 100 * (y1 - y0) / 120)
+    pred = _prompt(client, task, [rect])
+    (region,) = pred["result"]
+    assert region["type"] == "brushlabels" and region["value"]["brushlabels"] == ["lesion"]
+    assert (region["original_width"], region["original_height"]) == (160, 120)
+    mask = rle_to_mask(region["value"]["rle"], 120, 160)
+    inside = np.zeros_like(mask)
+    inside[max(y0 - 1, 0) : y1 + 2, max(x0 - 1, 0) : x1 + 2] = True
+    assert mask.any() and not (mask & ~inside).any()
+    print(f"rectangle on a disk, IoU {_iou(mask, disk):.2f}")
+    assert _iou(mask, disk) >= 0.7
+    assert "uncertainty" not in pred and "acquisition" not in pred  # no ranking work
+
+
+def test_keypoints_edit_the_tasks_current_mask(client):
+    img, left, right = _two_disks()
+    draft = {"result": [{"from_name": "mask", "to_name": "image", "type": "brushlabels",
+                         "original_width": 200, "original_height": 100,
+                         "value": {"format": "rle", "rle": mask_to_rle(left | right),
+                                   "brushlabels": ["lesion"]}}],
+             "created_at": "2026-12-01T10:00:00Z"}  # fmt: skip
+    task = {"id": 2, "data": {"image": _uri(img)}, "drafts": [draft], "predictions": []}
+    pred = _prompt(client, task, [_point(75, 50, positive=False)])  # on the right disk
+    mask = rle_to_mask(pred["result"][0]["value"]["rle"], 100, 200)
+    assert np.array_equal(mask, left)
+
+
+@pytest.mark.parametrize(
+    ("items", "message"),
+    [
+        ([], "empty"),
+        ([{"type": "polygonlabels", "value": {}}], "unknown prompt type"),
+        ([_rect(50, 50, 80, 10)], None),  # 50 + 80 > 100: clipped, still inside the image
+        ([_rect(120, 10, 10, 10)], "outside the image"),
+        ([_rect(10, 10, 0, 10)], "outside the image"),
+        ([_point(-20, 10)], "outside the image"),
+        ([_point("a", 10)], "must be a number"),
+        (
+            [{"type": "rectanglelabels", "value": {"x": 1, "y": 1, "width": 5, "height": 5}}],
+            "names no label",
+        ),
+        ([_rect(10, 10, 20, 20, label="normal")], "not a BrushLabels label"),
+        ([_rect(10, 10, 20, 20), _point(5, 5, label="other")], "one label per prompt"),
+        (["not an object"], "must be an object"),
+    ],
+)
+def test_malformed_prompts_get_a_clear_per_task_error(client, items, message):
+    img, _ = _disk(3)
+    task = {"id": 9, "data": {"image": _uri(img)}}
+    pred = _prompt(client, task, items)
+    if message is None:
+        assert pred["result"] and "error" not in pred
+    else:
+        assert message in pred["error"] and "task 9" in pred["error"]
+
+
+def test_a_context_without_a_result_list_is_a_per_task_error(client):
+    img, _ = _disk(3)
+    body = {"tasks": [{"id": 4, "data": {"image": _uri(img)}}], "label_config": SYNTH_CONFIG,
+            "params": {"context": {"foo": 1}}}  # fmt: skip
+    r = client.post("/predict", json=body)
+    assert r.status_code == 200 and "no 'result' list" in r.get_json()["results"][0]["error"]
+
+
+def test_review_layer_is_a_second_brush_region_when_switched_on(model_dir, synth_dir):
+    image = synth_dir / "images" / "test_lesion_0.png"
+    task = {"id": 1, "data": {"image": "data:image/png;base64,"
+                              + base64.b64encode(image.read_bytes()).decode()}}  # fmt: skip
+    body = {"tasks": [task], "label_config": SYNTH_CONFIG, "project": "1.1"}
+    off = create_app(Settings(model_dir=str(model_dir))).test_client().post("/predict", json=body)
+    assert all(r["value"].get("brushlabels") != ["Uncertain"]
+               for r in off.get_json()["results"][0]["result"] if r["type"] == "brushlabels")  # fmt: skip
+    on = create_app(Settings(model_dir=str(model_dir), review_label="Uncertain"))
+    regions = on.test_client().post("/predict", json=body).get_json()["results"][0]["result"]
+    brushes = {r["value"]["brushlabels"][0]: r for r in regions if r["type"] == "brushlabels"}
+    assert set(brushes) == {"lesion", "Uncertain"}
+    review = rle_to_mask(brushes["Uncertain"]["value"]["rle"], 96, 96)
+    assert 0 < review.mean() < 0.5
+
+
+def test_a_submitted_review_region_is_not_training_data(tmp_path):
+    """An annotator who submits the pre-annotation as is also submits the "Uncertain" region:
+    it must not become part of the human mask or make the image unlabelled."""
+    from backend.annotations import collect_dataset
+    from backend.fetch import ImageFetcher
+
+    img, disk = _disk(6)
+    review = np.zeros_like(disk)
+    review[:10] = True
+    brush = [
+        {"from_name": "mask", "to_name": "image", "type": "brushlabels",
+         "original_width": 160, "original_height": 120,
+         "value": {"format": "rle", "rle": mask_to_rle(m), "brushlabels": [name]}}
+        for m, name in ((disk, "finding"), (review, "Uncertain"))
+    ]  # fmt: skip
+    task = {"id": 5, "data": {"image": _uri(img)}, "annotations": [{"result": brush}]}
+    counts = collect_dataset([task], CONFIG, ImageFetcher(Settings()), tmp_path,
+                             review_label="Uncertain")  # fmt: skip
+    assert counts["labelled"] == 1 and counts["masks"] == 1
+    saved = np.asarray(Image.open(tmp_path / "masks" / "task_5.png")) > 0
+    assert np.array_equal(saved, disk)
+    assert "task_5.png,finding,train" in (tmp_path / "labels.csv").read_text()

@@ -1,0 +1,147 @@
+"""Prompted refinement: a box or a click re-segments with the model's map and the image itself.
+
+GrabCut (OpenCV: colour models of foreground and background plus a graph cut along image
+edges) makes the outline follow the image. What the annotator's prompt says for sure is fixed:
+outside the box (a ring around it) is background, the clicked spot is foreground. Inside, the
+model's map marks "probably background" only where it is confidently low (below 0.1); the
+rest starts as "probably foreground". Seeding GrabCut's background with the map's whole
+below-threshold part was tried first: on synthetic disks with a coarse, shifted map it dropped
+the object (IoU 0.0, where the box alone gave 0.73-0.96; a one-off check during development).
+A coarse map calls the object's own edge background, and the background colour model then
+learns the object.
+
+Pure functions over numpy arrays: image (H, W, 3) uint8 RGB, probability (H, W) in [0, 1],
+masks (H, W) bool; boxes (x0, y0, x1, y1) and points (x, y) in pixels.
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+from scipy import ndimage
+
+WORK_SIDE = 256  # GrabCut runs on the prompt's window scaled to at most this side (speed)
+ITERATIONS = 3
+
+
+def _grabcut(image: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """GrabCut with ``labels`` (cv2.GC_*) as the initial mask, at most WORK_SIDE per side;
+    returns the foreground at the input size."""
+    h, w = labels.shape
+    scale = min(1.0, WORK_SIDE / max(h, w))
+    if scale < 1.0:
+        size = (max(1, round(w * scale)), max(1, round(h * scale)))
+        small_img = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+        small = cv2.resize(labels, size, interpolation=cv2.INTER_NEAREST)
+    else:
+        small_img, small = image, labels
+    seeds = np.isin(small, (cv2.GC_FGD, cv2.GC_PR_FGD))
+    out = seeds
+    if seeds.any() and np.isin(small, (cv2.GC_BGD, cv2.GC_PR_BGD)).any():
+        cut = small.copy()
+        bgd, fgd = np.zeros((1, 65), np.float64), np.zeros((1, 65), np.float64)
+        bgr = np.ascontiguousarray(small_img[..., ::-1])
+        cv2.grabCut(bgr, cut, None, bgd, fgd, ITERATIONS, cv2.GC_INIT_WITH_MASK)
+        refined = np.isin(cut, (cv2.GC_FGD, cv2.GC_PR_FGD))
+        if refined.any():  # colours that cannot tell object from background: keep the seeds
+            out = refined
+    out = out.astype(np.uint8)
+    if scale < 1.0:
+        out = cv2.resize(out, (w, h), interpolation=cv2.INTER_LINEAR)
+    return out > 0
+
+
+BACKGROUND_BELOW = 0.1  # map values below this start as "probably background"
+
+
+def _seed_labels(prob: np.ndarray) -> np.ndarray:
+    """ "Probably foreground", except "probably background" where the map is confidently low;
+    all "probably foreground" when the map is low everywhere (the prompt says an object is
+    there even where the model sees none)."""
+    low = prob < BACKGROUND_BELOW
+    if low.all():
+        low = np.zeros_like(low)
+    return np.where(low, cv2.GC_PR_BGD, cv2.GC_PR_FGD).astype(np.uint8)
+
+
+def clip_box(box: tuple[float, float, float, float], size: tuple[int, int]) -> tuple[int, ...]:
+    """(x0, y0, x1, y1) in pixels, clipped to an image of ``size`` = (H, W), at least 1 px."""
+    h, w = size
+    x0, y0, x1, y1 = box
+    x0, x1 = sorted((int(np.floor(x0)), int(np.ceil(x1))))
+    y0, y1 = sorted((int(np.floor(y0)), int(np.ceil(y1))))
+    x0, y0 = min(max(x0, 0), w - 1), min(max(y0, 0), h - 1)
+    return x0, y0, max(min(x1, w), x0 + 1), max(min(y1, h), y0 + 1)
+
+
+def box_mask(image: np.ndarray, prob: np.ndarray, box: tuple[float, ...]) -> np.ndarray:
+    """The object inside ``box``: GrabCut seeded by ``prob`` in the box, with a ring of sure
+    background just outside it; the result never leaves the box."""
+    h, w = prob.shape
+    x0, y0, x1, y1 = clip_box(box, (h, w))
+    pad = max(2, round(0.1 * max(x1 - x0, y1 - y0)))  # background samples around the box
+    wx0, wy0, wx1, wy1 = max(x0 - pad, 0), max(y0 - pad, 0), min(x1 + pad, w), min(y1 + pad, h)
+    labels = np.full((wy1 - wy0, wx1 - wx0), cv2.GC_BGD, np.uint8)
+    inner = (slice(y0 - wy0, y1 - wy0), slice(x0 - wx0, x1 - wx0))
+    labels[inner] = _seed_labels(prob[y0:y1, x0:x1])
+    fg = _grabcut(image[wy0:wy1, wx0:wx1], labels)
+    out = np.zeros((h, w), bool)
+    out[y0:y1, x0:x1] = fg[inner]
+    return out
+
+
+def click_region(image: np.ndarray, prob: np.ndarray, point: tuple[float, float]) -> np.ndarray:
+    """The object under a positive click: GrabCut in a window around it (a quarter of the
+    image's shorter side each way), the clicked spot sure foreground, the window's border sure
+    background; the connected part that holds the click."""
+    h, w = prob.shape
+    x, y = min(max(int(point[0]), 0), w - 1), min(max(int(point[1]), 0), h - 1)
+    half = max(8, min(h, w) // 4)
+    wx0, wy0, wx1, wy1 = (
+        max(x - half, 0),
+        max(y - half, 0),
+        min(x + half + 1, w),
+        min(y + half + 1, h),
+    )
+    labels = _seed_labels(prob[wy0:wy1, wx0:wx1])
+    labels[[0, -1], :] = cv2.GC_BGD
+    labels[:, [0, -1]] = cv2.GC_BGD
+    r = max(2, half // 8)
+    yy, xx = np.ogrid[wy0:wy1, wx0:wx1]
+    labels[(yy - y) ** 2 + (xx - x) ** 2 <= r * r] = cv2.GC_FGD
+    fg = _grabcut(image[wy0:wy1, wx0:wx1], labels)
+    comp, _ = ndimage.label(fg)
+    keep = comp == comp[y - wy0, x - wx0] if fg[y - wy0, x - wx0] else np.zeros_like(fg)
+    out = np.zeros((h, w), bool)
+    out[wy0:wy1, wx0:wx1] = keep
+    return out
+
+
+def remove_at(mask: np.ndarray, point: tuple[float, float]) -> np.ndarray:
+    """``mask`` without the connected component under a negative click (unchanged when the
+    click is on background)."""
+    h, w = mask.shape
+    x, y = min(max(int(point[0]), 0), w - 1), min(max(int(point[1]), 0), h - 1)
+    if not mask[y, x]:
+        return mask.copy()
+    comp, _ = ndimage.label(mask)
+    return mask & (comp != comp[y, x])
+
+
+def apply_clicks(
+    image: np.ndarray,
+    prob: np.ndarray,
+    mask: np.ndarray,
+    clicks: list[tuple[float, float, bool]],
+) -> np.ndarray:
+    """``mask`` after the clicks (x, y, positive) in order: a positive click adds the object
+    under it (nothing when it is already in the mask), a negative one removes the part of the
+    mask under it."""
+    out = mask.copy()
+    for x, y, positive in clicks:
+        xi, yi = min(max(int(x), 0), mask.shape[1] - 1), min(max(int(y), 0), mask.shape[0] - 1)
+        if positive and not out[yi, xi]:
+            out |= click_region(image, prob, (x, y))
+        elif not positive:
+            out = remove_at(out, (x, y))
+    return out

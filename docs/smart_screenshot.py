@@ -44,7 +44,9 @@ def smart_rectangle(info: dict) -> dict:
     config = (ROOT / "label_config" / "interactive.xml").read_text()
     _api(s, base, "PATCH", f"/api/projects/{pid}", json={"label_config": config})
     (ml,) = _api(s, base, "GET", "/api/ml", params={"project": pid})
-    _api(s, base, "PATCH", f"/api/ml/{ml['id']}", json={"is_interactive": True})
+    # (Label Studio 1.23 answers 500 to a PATCH without the project and the url)
+    body = {"project": pid, "url": ml["url"], "is_interactive": True}
+    _api(s, base, "PATCH", f"/api/ml/{ml['id']}", json=body)
     preds = _api(s, base, "GET", "/api/predictions", params={"task": tid})
     brush = next(r for p in preds for r in p["result"] if r["type"] == "brushlabels")
     w, h = brush["original_width"], brush["original_height"]

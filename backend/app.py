@@ -58,6 +58,8 @@ def _unauthorized(message: str, basic: bool) -> Response:
 
 def create_app(settings: Settings | None = None, queue: TrainingQueue | None = None) -> Flask:
     settings = settings or Settings.from_env()
+    if settings.review_label:
+        settings.review_band_values  # noqa: B018  (a malformed REVIEW_BAND fails the start)
     app = Flask("camlabel")
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_mb * 1024 * 1024
     holder = ModelHolder(settings)

@@ -102,6 +102,16 @@ def backend(label_studio, base_model, tmp_path_factory):
     proc.wait(timeout=30)
 
 
+def _connect(ls, server, pid: int, *extra: str) -> subprocess.CompletedProcess:
+    """`camlabel connect` for the project, as a deployment runs it."""
+    return subprocess.run(
+        [sys.executable, "-m", "backend.cli", "connect", "--project", str(pid),
+         "--backend-url", server.plain_url, *extra],
+        env={**server.env, "LABEL_STUDIO_URL": ls.url, "LABEL_STUDIO_API_KEY": ls.pat},
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+
+
 def _wait_for_training(backend: str, project: int, previous: str | None, timeout: float = 240):
     deadline = time.time() + timeout
     failures = 0
@@ -161,12 +171,7 @@ def test_pre_annotate_learn_and_rank(label_studio, backend, tmp_path):
     assert all(t["data"]["image"].startswith("/data/upload/") for t in tasks)  # relative URLs
 
     # `camlabel connect`: the ML backend with basic auth, the secret on its webhook.
-    connect = subprocess.run(
-        [sys.executable, "-m", "backend.cli", "connect", "--project", str(pid),
-         "--backend-url", server.plain_url],
-        env={**server.env, "LABEL_STUDIO_URL": ls.url, "LABEL_STUDIO_API_KEY": ls.pat},
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+    connect = _connect(ls, server, pid)
     assert connect.returncode == 0, connect.stderr[-2000:]
     (ml,) = ls.api("GET", "/api/ml", params={"project": pid}).json()
     ml_id = ml["id"]
@@ -432,12 +437,7 @@ def _a_second_project_with_other_classes(ls, server, pid_a: int, v_a: str, tmp_p
     r = ls.api("POST", "/api/projects", json={"title": "camlabel e2e B", "label_config": B_CONFIG})
     assert r.status_code == 201, r.text
     pid_b = r.json()["id"]
-    connect = subprocess.run(
-        [sys.executable, "-m", "backend.cli", "connect", "--project", str(pid_b),
-         "--backend-url", server.plain_url],
-        env={**server.env, "LABEL_STUDIO_URL": ls.url, "LABEL_STUDIO_API_KEY": ls.pat},
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+    connect = _connect(ls, server, pid_b)
     assert connect.returncode == 0, connect.stderr[-2000:]
     rng = np.random.default_rng(11)
     tasks = []
@@ -562,12 +562,7 @@ def test_smart_tools_re_segment_through_label_studio(label_studio, backend, tmp_
     r = ls.api("POST", f"/api/projects/{pid}/import",
                files={"smart.png": (tmp_path / "smart.png").open("rb")})  # fmt: skip
     assert r.status_code == 201, r.text
-    connect = subprocess.run(
-        [sys.executable, "-m", "backend.cli", "connect", "--project", str(pid),
-         "--backend-url", server.plain_url, "--interactive"],
-        env={**server.env, "LABEL_STUDIO_URL": ls.url, "LABEL_STUDIO_API_KEY": ls.pat},
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+    connect = _connect(ls, server, pid, "--interactive")
     assert connect.returncode == 0 and "(interactive)" in connect.stdout, connect.stderr[-2000:]
     (ml,) = ls.api("GET", "/api/ml", params={"project": pid}).json()
     assert ml["is_interactive"] is True

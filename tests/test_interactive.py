@@ -248,3 +248,9 @@ def test_a_submitted_review_region_is_not_training_data(tmp_path):
     saved = np.asarray(Image.open(tmp_path / "masks" / "task_5.png")) > 0
     assert np.array_equal(saved, disk)
     assert "task_5.png,finding,train" in (tmp_path / "labels.csv").read_text()
+
+
+def test_a_malformed_review_band_fails_the_start(model_dir):
+    bad = Settings(model_dir=str(model_dir), review_label="Uncertain", review_band="0.7,0.3")
+    with pytest.raises(ValueError, match="REVIEW_BAND"):
+        create_app(bad)

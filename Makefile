@@ -61,6 +61,12 @@ bench: setup labelstudio
 	$(PY) bench/load_predict.py --out bench/results/load_predict.json
 	$(PY) bench/http_predict.py --out bench/results/http_predict.json
 	$(PY) bench/batch_invariance.py --out bench/results/batch_invariance.json
+	$(PY) bench/interactive.py --out bench/results/interactive.json
+	test -f MODELS/lite_224/CURRENT || $(VENV)/bin/camlabel train --data $(DATA) --out MODELS/lite_224
+	$(PY) bench/review_layer.py --data $(DATA) --model MODELS/lite_224 --out bench/results/review_layer.json
+	$(PY) bench/interactive_quality.py --data $(DATA) --model MODELS/lite_224 --out bench/results/interactive_quality.json
+	$(PY) bench/interactive_quality.py --data $(DATA) --model MODELS/lite_224 --split train \
+		--out bench/results/interactive_quality_train.json
 	$(PY) bench/rank_throughput.py --tasks 10000 --out bench/results/rank_throughput.json
 	$(PY) bench/learning_curve.py --data $(DATA) \
 		--settings random,entropy,random+pseudo,bald,full,random+pseudo+minmax --rounds 4 --k 8

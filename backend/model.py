@@ -155,8 +155,9 @@ class CamLabelModel:
             masks = ensemble.masks(out, 0, (height, width), label=label)
             pixels, prob = np.asarray(image), masks.intersection_map
             mask = np.zeros((height, width), bool)
+            inside = prob if self.settings.box_prior == "map" else None  # BOX_PRIOR
             for box in prompt.boxes:
-                mask |= refine.box_mask(pixels, prob, box)
+                mask |= refine.box_mask(pixels, inside, box)
             if prompt.clicks and not prompt.boxes:  # clicks edit the mask the annotator sees
                 start = current_mask(task, schema.brush_name, prompt.label, image.size)
                 if start is None and masks.mask is not None:

@@ -63,6 +63,15 @@ def test_a_box_mask_stays_in_the_box_and_covers_the_disk():
     assert iou >= 0.7
 
 
+def test_the_box_alone_finds_the_disk_without_a_map():
+    img, disk = _disk(0)
+    ys, xs = np.nonzero(disk)
+    box = (xs.min() - 12, ys.min() - 10, xs.max() + 12, ys.max() + 10)
+    mask = refine.box_mask(img, None, box)
+    assert _iou(mask, disk) >= 0.7
+    assert np.array_equal(refine.box_mask(img, None, box), mask)  # the same prompt, same answer
+
+
 def test_a_box_over_a_blank_map_still_finds_the_object():
     """The model sees nothing (e.g. an unseen class), the box says an object is there."""
     img, disk = _disk(5)
@@ -141,7 +150,9 @@ def client(model_dir):
     return create_app(Settings(model_dir=str(model_dir))).test_client()
 
 
-def test_a_smart_rectangle_answers_one_brush_region_inside_it(client):
+@pytest.mark.parametrize("prior", ["box", "map"])
+def test_a_smart_rectangle_answers_one_brush_region_inside_it(model_dir, prior):
+    client = create_app(Settings(model_dir=str(model_dir), box_prior=prior)).test_client()
     img, disk = _disk(1)
     ys, xs = np.nonzero(disk)
     x0, y0, x1, y1 = xs.min() - 8, ys.min() - 8, xs.max() + 8, ys.max() + 8
@@ -155,7 +166,7 @@ def test_a_smart_rectangle_answers_one_brush_region_inside_it(client):
     inside = np.zeros_like(mask)
     inside[max(y0 - 1, 0) : y1 + 2, max(x0 - 1, 0) : x1 + 2] = True
     assert mask.any() and not (mask & ~inside).any()
-    print(f"rectangle on a disk, IoU {_iou(mask, disk):.2f}")
+    print(f"rectangle on a disk ({prior} prior), IoU {_iou(mask, disk):.2f}")
     assert _iou(mask, disk) >= 0.7
     assert "uncertainty" not in pred and "acquisition" not in pred  # no ranking work
 
@@ -248,6 +259,11 @@ def test_a_submitted_review_region_is_not_training_data(tmp_path):
     saved = np.asarray(Image.open(tmp_path / "masks" / "task_5.png")) > 0
     assert np.array_equal(saved, disk)
     assert "task_5.png,finding,train" in (tmp_path / "labels.csv").read_text()
+
+
+def test_an_unknown_box_prior_fails_the_start(model_dir):
+    with pytest.raises(ValueError, match="BOX_PRIOR"):
+        create_app(Settings(model_dir=str(model_dir), box_prior="magic"))
 
 
 def test_a_malformed_review_band_fails_the_start(model_dir):

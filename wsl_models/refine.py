@@ -41,6 +41,7 @@ def _grabcut(image: np.ndarray, labels: np.ndarray) -> np.ndarray:
         cut = small.copy()
         bgd, fgd = np.zeros((1, 65), np.float64), np.zeros((1, 65), np.float64)
         bgr = np.ascontiguousarray(small_img[..., ::-1])
+        cv2.setRNGSeed(0)  # GrabCut's k-means start: the same prompt gives the same answer
         cv2.grabCut(bgr, cut, None, bgd, fgd, ITERATIONS, cv2.GC_INIT_WITH_MASK)
         refined = np.isin(cut, (cv2.GC_FGD, cv2.GC_PR_FGD))
         if refined.any():  # colours that cannot tell object from background: keep the seeds
@@ -54,11 +55,11 @@ def _grabcut(image: np.ndarray, labels: np.ndarray) -> np.ndarray:
 BACKGROUND_BELOW = 0.1  # map values below this start as "probably background"
 
 
-def _seed_labels(prob: np.ndarray) -> np.ndarray:
+def _seed_labels(prob: np.ndarray, background_below: float = BACKGROUND_BELOW) -> np.ndarray:
     """ "Probably foreground", except "probably background" where the map is confidently low;
     all "probably foreground" when the map is low everywhere (the prompt says an object is
     there even where the model sees none)."""
-    low = prob < BACKGROUND_BELOW
+    low = prob < background_below
     if low.all():
         low = np.zeros_like(low)
     return np.where(low, cv2.GC_PR_BGD, cv2.GC_PR_FGD).astype(np.uint8)
@@ -74,16 +75,24 @@ def clip_box(box: tuple[float, float, float, float], size: tuple[int, int]) -> t
     return x0, y0, max(min(x1, w), x0 + 1), max(min(y1, h), y0 + 1)
 
 
-def box_mask(image: np.ndarray, prob: np.ndarray, box: tuple[float, ...]) -> np.ndarray:
-    """The object inside ``box``: GrabCut seeded by ``prob`` in the box, with a ring of sure
-    background just outside it; the result never leaves the box."""
-    h, w = prob.shape
+def box_mask(
+    image: np.ndarray,
+    prob: np.ndarray | None,
+    box: tuple[float, ...],
+    background_below: float = BACKGROUND_BELOW,
+) -> np.ndarray:
+    """The object inside ``box``: GrabCut seeded by ``prob`` in the box (None: the box alone,
+    all "probably foreground"), with a ring of sure background just outside it; the result
+    never leaves the box."""
+    h, w = image.shape[:2]
+    if prob is None:
+        prob = np.ones((h, w), np.float32)
     x0, y0, x1, y1 = clip_box(box, (h, w))
     pad = max(2, round(0.1 * max(x1 - x0, y1 - y0)))  # background samples around the box
     wx0, wy0, wx1, wy1 = max(x0 - pad, 0), max(y0 - pad, 0), min(x1 + pad, w), min(y1 + pad, h)
     labels = np.full((wy1 - wy0, wx1 - wx0), cv2.GC_BGD, np.uint8)
     inner = (slice(y0 - wy0, y1 - wy0), slice(x0 - wx0, x1 - wx0))
-    labels[inner] = _seed_labels(prob[y0:y1, x0:x1])
+    labels[inner] = _seed_labels(prob[y0:y1, x0:x1], background_below)
     fg = _grabcut(image[wy0:wy1, wx0:wx1], labels)
     out = np.zeros((h, w), bool)
     out[y0:y1, x0:x1] = fg[inner]

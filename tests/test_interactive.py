@@ -101,6 +101,8 @@ def test_a_positive_click_on_a_missed_disk_adds_it():
     added = out & ~left
     print(f"added disk IoU {_iou(added, right):.2f}")
     assert _iou(added, right) >= 0.6
+    alone = refine.click_region(img, None, (150, 50))  # no map: the window alone
+    assert _iou(alone, right) >= 0.6
 
 
 def test_review_region_holds_disagreement_and_the_uncertain_band():

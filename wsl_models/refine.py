@@ -99,11 +99,16 @@ def box_mask(
     return out
 
 
-def click_region(image: np.ndarray, prob: np.ndarray, point: tuple[float, float]) -> np.ndarray:
+def click_region(
+    image: np.ndarray, prob: np.ndarray | None, point: tuple[float, float]
+) -> np.ndarray:
     """The object under a positive click: GrabCut in a window around it (a quarter of the
     image's shorter side each way), the clicked spot sure foreground, the window's border sure
-    background; the connected part that holds the click."""
-    h, w = prob.shape
+    background, the rest seeded by ``prob`` (None: all "probably foreground"); the connected
+    part that holds the click."""
+    h, w = image.shape[:2]
+    if prob is None:
+        prob = np.ones((h, w), np.float32)
     x, y = min(max(int(point[0]), 0), w - 1), min(max(int(point[1]), 0), h - 1)
     half = max(8, min(h, w) // 4)
     wx0, wy0, wx1, wy1 = (
@@ -139,7 +144,7 @@ def remove_at(mask: np.ndarray, point: tuple[float, float]) -> np.ndarray:
 
 def apply_clicks(
     image: np.ndarray,
-    prob: np.ndarray,
+    prob: np.ndarray | None,
     mask: np.ndarray,
     clicks: list[tuple[float, float, bool]],
 ) -> np.ndarray:

@@ -45,7 +45,7 @@ class ModelHolder:
 
     def preload(self) -> None:
         """Load every line's current version now (a worker's start, before any request)."""
-        for key in [BASE, *(str(p) for p in self.lines.project_ids())]:
+        for key in self.lines.keys():
             vid = self.lines.store(key).current_id()
             if vid:
                 self._load(key, vid)
@@ -66,7 +66,7 @@ class ModelHolder:
 
     def refresh(self) -> None:
         """Start loading every line whose CURRENT differs from what is loaded."""
-        for key in [BASE, *(str(p) for p in self.lines.project_ids())]:
+        for key in self.lines.keys():
             wanted = self.lines.store(key).current_id()
             if wanted:
                 with self._lock:

@@ -50,19 +50,21 @@ class ModelLines:
             return []
         return sorted(int(p.name) for p in folder.iterdir() if p.is_dir() and p.name.isdigit())
 
-    def key(self, pid: int | None) -> str:
-        """The line that serves ``pid`` now: its own once it has a current version."""
-        if pid is not None and self.project(pid).current_id():
-            return str(int(pid))
-        return BASE
-
     def store(self, key: str) -> ModelStore:
         return self.base if key == BASE else self.project(int(key))
 
+    def keys(self) -> list[str]:
+        """Every line: the base model's, then each project's."""
+        return [BASE, *(str(p) for p in self.project_ids())]
+
     def serving(self, pid: int | None) -> tuple[str, str | None]:
-        """(line key, version id) that serves project ``pid`` (None: the base model)."""
-        key = self.key(pid)
-        return key, self.store(key).current_id()
+        """(line key, version id) that serves project ``pid`` now: its own line once it has a
+        current version, else the base model (None: the base model). One read per pointer."""
+        if pid is not None:
+            vid = self.project(pid).current_id()
+            if vid:
+                return str(int(pid)), vid
+        return BASE, self.base.current_id()
 
     def versions(self, pid: int | None = None) -> list[str]:
         """The base model's versions, then the project's (every project's when ``pid`` is None)."""

@@ -171,22 +171,25 @@ class CamLabelModel:
         region = self._brush(schema.brush_name, prompt.label, mask, image.size, confidence)
         return {"result": [region], "model_version": self.version, "score": confidence}
 
+    def _region(self, from_name: str, kind: str, value: dict, score: float, **extra: Any) -> dict:
+        return {
+            "id": uuid.uuid4().hex[:10],
+            "from_name": from_name,
+            "to_name": self.schema.image_name,
+            "type": kind,
+            **extra,
+            "value": value,
+            "score": score,
+        }
+
     def _brush(
         self, name: str, label: str, mask: np.ndarray, size: tuple[int, int], score: float
     ) -> dict:
         """A BrushLabels region at the displayed ``size`` = (W, H)."""
         width, height = size
-        return {
-            "id": uuid.uuid4().hex[:10],
-            "from_name": name,
-            "to_name": self.schema.image_name,
-            "type": "brushlabels",
-            "original_width": width,
-            "original_height": height,
-            "image_rotation": 0,
-            "value": {"format": "rle", "rle": mask_to_rle(mask), "brushlabels": [label]},
-            "score": score,
-        }
+        value = {"format": "rle", "rle": mask_to_rle(mask), "brushlabels": [label]}
+        return self._region(name, "brushlabels", value, score, original_width=width,
+                            original_height=height, image_rotation=0)  # fmt: skip
 
     def _task_result(self, out: EnsembleOutput, size: tuple[int, int], acq_value: float) -> dict:
         """The regions of one image (``out`` holds that image alone) at its displayed size."""
@@ -199,20 +202,10 @@ class CamLabelModel:
         mapping = self.label_map
         regions: list[dict] = []
 
-        def region(from_name: str, kind: str, value: dict, **extra: Any) -> dict:
-            return {
-                "id": uuid.uuid4().hex[:10],
-                "from_name": from_name,
-                "to_name": schema.image_name,
-                "type": kind,
-                **extra,
-                "value": value,
-                "score": confidence,
-            }
-
         choice = schema.label_for(label, schema.choices, mapping) if schema.choices_name else None
         if choice is not None:
-            regions.append(region(schema.choices_name, "choices", {"choices": [choice]}))
+            value = {"choices": [choice]}
+            regions.append(self._region(schema.choices_name, "choices", value, confidence))
         has_mask = masks.mask is not None and masks.mask.any()
         brush = schema.label_for(label, schema.brush_labels, mapping) if has_mask else None
         if brush is not None:

@@ -55,14 +55,24 @@ def _grabcut(image: np.ndarray, labels: np.ndarray) -> np.ndarray:
 BACKGROUND_BELOW = 0.1  # map values below this start as "probably background"
 
 
-def _seed_labels(prob: np.ndarray, background_below: float = BACKGROUND_BELOW) -> np.ndarray:
+def _seed_labels(
+    prob: np.ndarray | None, shape: tuple[int, int], background_below: float = BACKGROUND_BELOW
+) -> np.ndarray:
     """ "Probably foreground", except "probably background" where the map is confidently low;
-    all "probably foreground" when the map is low everywhere (the prompt says an object is
-    there even where the model sees none)."""
+    all "probably foreground" with no map (None) or a map low everywhere (the prompt says an
+    object is there even where the model sees none)."""
+    if prob is None:
+        return np.full(shape, cv2.GC_PR_FGD, np.uint8)
     low = prob < background_below
     if low.all():
         low = np.zeros_like(low)
     return np.where(low, cv2.GC_PR_BGD, cv2.GC_PR_FGD).astype(np.uint8)
+
+
+def _pixel(point: tuple[float, float], size: tuple[int, int]) -> tuple[int, int]:
+    """(x, y) as a pixel inside an image of ``size`` = (H, W)."""
+    h, w = size
+    return min(max(int(point[0]), 0), w - 1), min(max(int(point[1]), 0), h - 1)
 
 
 def clip_box(box: tuple[float, float, float, float], size: tuple[int, int]) -> tuple[int, ...]:
@@ -85,14 +95,13 @@ def box_mask(
     all "probably foreground"), with a ring of sure background just outside it; the result
     never leaves the box."""
     h, w = image.shape[:2]
-    if prob is None:
-        prob = np.ones((h, w), np.float32)
     x0, y0, x1, y1 = clip_box(box, (h, w))
     pad = max(2, round(0.1 * max(x1 - x0, y1 - y0)))  # background samples around the box
     wx0, wy0, wx1, wy1 = max(x0 - pad, 0), max(y0 - pad, 0), min(x1 + pad, w), min(y1 + pad, h)
     labels = np.full((wy1 - wy0, wx1 - wx0), cv2.GC_BGD, np.uint8)
     inner = (slice(y0 - wy0, y1 - wy0), slice(x0 - wx0, x1 - wx0))
-    labels[inner] = _seed_labels(prob[y0:y1, x0:x1], background_below)
+    inside = None if prob is None else prob[y0:y1, x0:x1]
+    labels[inner] = _seed_labels(inside, (y1 - y0, x1 - x0), background_below)
     fg = _grabcut(image[wy0:wy1, wx0:wx1], labels)
     out = np.zeros((h, w), bool)
     out[y0:y1, x0:x1] = fg[inner]
@@ -107,9 +116,7 @@ def click_region(
     background, the rest seeded by ``prob`` (None: all "probably foreground"); the connected
     part that holds the click."""
     h, w = image.shape[:2]
-    if prob is None:
-        prob = np.ones((h, w), np.float32)
-    x, y = min(max(int(point[0]), 0), w - 1), min(max(int(point[1]), 0), h - 1)
+    x, y = _pixel(point, (h, w))
     half = max(8, min(h, w) // 4)
     wx0, wy0, wx1, wy1 = (
         max(x - half, 0),
@@ -117,7 +124,8 @@ def click_region(
         min(x + half + 1, w),
         min(y + half + 1, h),
     )
-    labels = _seed_labels(prob[wy0:wy1, wx0:wx1])
+    window = None if prob is None else prob[wy0:wy1, wx0:wx1]
+    labels = _seed_labels(window, (wy1 - wy0, wx1 - wx0))
     labels[[0, -1], :] = cv2.GC_BGD
     labels[:, [0, -1]] = cv2.GC_BGD
     r = max(2, half // 8)
@@ -134,8 +142,7 @@ def click_region(
 def remove_at(mask: np.ndarray, point: tuple[float, float]) -> np.ndarray:
     """``mask`` without the connected component under a negative click (unchanged when the
     click is on background)."""
-    h, w = mask.shape
-    x, y = min(max(int(point[0]), 0), w - 1), min(max(int(point[1]), 0), h - 1)
+    x, y = _pixel(point, mask.shape)
     if not mask[y, x]:
         return mask.copy()
     comp, _ = ndimage.label(mask)
@@ -153,7 +160,7 @@ def apply_clicks(
     mask under it."""
     out = mask.copy()
     for x, y, positive in clicks:
-        xi, yi = min(max(int(x), 0), mask.shape[1] - 1), min(max(int(y), 0), mask.shape[0] - 1)
+        xi, yi = _pixel((x, y), mask.shape)
         if positive and not out[yi, xi]:
             out |= click_region(image, prob, (x, y))
         elif not positive:

@@ -67,6 +67,8 @@ bench: setup labelstudio
 	$(PY) bench/interactive_quality.py --data $(DATA) --model MODELS/lite_224 --out bench/results/interactive_quality.json
 	$(PY) bench/interactive_quality.py --data $(DATA) --model MODELS/lite_224 --split train \
 		--out bench/results/interactive_quality_train.json
+	$(PY) bench/interactive_clicks.py --data $(DATA) --model MODELS/lite_224 \
+		--out bench/results/interactive_clicks.json
 	$(PY) bench/rank_throughput.py --tasks 10000 --out bench/results/rank_throughput.json
 	$(PY) bench/learning_curve.py --data $(DATA) \
 		--settings random,entropy,random+pseudo,bald,full,random+pseudo+minmax --rounds 4 --k 8

@@ -6,9 +6,11 @@ The Lite trio with decoders at 224 px (random weights: speed does not depend on 
 `CamLabelModel.predict` in-process with its inference thread, as a /predict request runs it
 (the HTTP layer added -0.05 % in bench/http_predict.py). The task is a 1024x1024 PNG sent as a
 data: URI (decoded per request, as a download would be). Measured per request, alternating
-the three kinds so drift hits all: a rectangle of about 300x300 px around a disk, one positive
-keypoint on it, and the plain pre-annotation (MC Dropout, uncertainty, ranking fields) for
-reference. Target: rectangle p50 <= 1 s on this 2-core machine.
+the kinds so drift hits all: a rectangle of about 300x300 px around a disk, one positive
+keypoint on it, one negative keypoint on a draft that covers the whole image (one component
+larger than the click's window: the GrabCut path of refine.remove_at), and the plain
+pre-annotation (MC Dropout, uncertainty, ranking fields) for reference. Target: rectangle
+p50 <= 1 s on this 2-core machine.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from backend.fetch import ImageFetcher  # noqa: E402
 from backend.holder import ModelHolder  # noqa: E402
 from backend.inference import InferenceEngine  # noqa: E402
 from backend.model import CamLabelModel  # noqa: E402
+from backend.rle import mask_to_rle  # noqa: E402
 from backend.settings import Settings  # noqa: E402
 from wsl_models.members import LITE_TRIO  # noqa: E402
 from wsl_models.synthetic import disk_image  # noqa: E402
@@ -71,18 +74,24 @@ def main() -> None:
         "height": 2 * half * pct, "rectanglelabels": ["finding"]}}  # fmt: skip
     point = {"type": "keypointlabels", "is_positive": True,
              "value": {"x": cx * pct, "y": cy * pct, "keypointlabels": ["finding"]}}  # fmt: skip
-    kinds = {
-        "rectangle": {"result": [rect]},
-        "keypoint": {"result": [point]},
-        "pre-annotation": None,
+    negative = dict(point, is_positive=False)
+    full = {"type": "brushlabels", "from_name": "mask", "to_name": "image",
+            "value": {"format": "rle", "brushlabels": ["finding"],
+                      "rle": mask_to_rle(np.ones((args.side, args.side), bool))}}  # fmt: skip
+    drafted = dict(task, drafts=[{"result": [full]}])
+    kinds = {  # name: (task, context)
+        "rectangle": (task, {"result": [rect]}),
+        "keypoint": (task, {"result": [point]}),
+        "negative keypoint": (drafted, {"result": [negative]}),
+        "pre-annotation": (task, None),
     }
-    for context in kinds.values():  # warm-up
-        model.predict([task], context)
+    for job, context in kinds.values():  # warm-up
+        model.predict([job], context)
     times: dict[str, list[float]] = {k: [] for k in kinds}
     for _ in range(args.repeats):
-        for name, context in kinds.items():
+        for name, (job, context) in kinds.items():
             t = time.perf_counter()
-            out = model.predict([task], context)
+            out = model.predict([job], context)
             times[name].append(time.perf_counter() - t)
             assert "error" not in out[0], out[0]
     rows = {
@@ -94,7 +103,7 @@ def main() -> None:
         for name, ts in times.items()
     }
     for name, r in rows.items():
-        print(f"{name:15s} p50 {r['p50_ms']:6.0f} ms  p90 {r['p90_ms']:6.0f} ms  "
+        print(f"{name:18s} p50 {r['p50_ms']:6.0f} ms  p90 {r['p90_ms']:6.0f} ms  "
               f"max {r['max_ms']:6.0f} ms")  # fmt: skip
     result = {"machine": machine(), "side": args.side, "repeats": args.repeats, "rows": rows}
     out = Path(args.out)

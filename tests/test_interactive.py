@@ -81,7 +81,7 @@ def test_a_box_over_a_blank_map_still_finds_the_object():
     assert _iou(mask, disk) >= 0.6
 
 
-def test_a_negative_click_removes_the_component_under_it():
+def test_a_negative_click_removes_a_stray_component_whole():
     _, left, right = _two_disks()
     mask = left | right
     out = refine.apply_clicks(np.zeros((100, 200, 3), np.uint8), np.zeros((100, 200)), mask,
@@ -91,6 +91,27 @@ def test_a_negative_click_removes_the_component_under_it():
     same = refine.apply_clicks(np.zeros((100, 200, 3), np.uint8), np.zeros((100, 200)), mask,
                                [(100, 90, False)])  # fmt: skip
     assert np.array_equal(same, mask)
+
+
+def test_a_negative_click_on_a_large_blob_removes_only_the_part_around_it():
+    """Two disks joined by a false bridge of another colour are one component (as a GlaS mask
+    joins many glands): a click on the bridge cuts the bridge around it and leaves the disks."""
+    img, left, right = _two_disks()
+    bridge = np.zeros_like(left)
+    bridge[44:57, 60:141] = True
+    bridge &= ~(left | right)
+    img = np.clip(img + np.where(bridge[..., None], [-40, 40, 60], 0), 0, 255).astype(np.uint8)
+    mask = left | right | bridge
+    window = np.zeros_like(mask)
+    window[25:76, 75:126] = True  # the click's window: a quarter of the shorter side each way
+    for prob in (np.where(left | right, 0.95, 0.5), None):
+        out = refine.apply_clicks(img, prob, mask, [(100, 50, False)])
+        assert np.array_equal(out & ~window, mask & ~window)  # nothing changes outside it
+        assert (out & left).sum() == left.sum() and (out & right).sum() == right.sum()
+        left_over = (out & bridge & window).sum() / (bridge & window).sum()
+        print(f"bridge left in the window: {left_over:.2f}")
+        assert left_over <= 0.1
+        assert not (out & ~mask).any()
 
 
 def test_a_positive_click_on_a_missed_disk_adds_it():

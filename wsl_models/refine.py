@@ -108,27 +108,33 @@ def box_mask(
     return out
 
 
+def _click_half(size: tuple[int, int]) -> int:
+    """How far a click's window reaches each way: a quarter of the image's shorter side."""
+    return max(8, min(size) // 4)
+
+
+def _click_window(point: tuple[float, float], size: tuple[int, int]) -> tuple[int, ...]:
+    """(x0, y0, x1, y1): the window a click re-segments, clipped to the image."""
+    h, w = size
+    x, y = _pixel(point, size)
+    half = _click_half(size)
+    return max(x - half, 0), max(y - half, 0), min(x + half + 1, w), min(y + half + 1, h)
+
+
 def click_region(
     image: np.ndarray, prob: np.ndarray | None, point: tuple[float, float]
 ) -> np.ndarray:
-    """The object under a positive click: GrabCut in a window around it (a quarter of the
-    image's shorter side each way), the clicked spot sure foreground, the window's border sure
-    background, the rest seeded by ``prob`` (None: all "probably foreground"); the connected
-    part that holds the click."""
+    """The object under a click: GrabCut in the click's window, the clicked spot sure
+    foreground, the window's border sure background, the rest seeded by ``prob`` (None: all
+    "probably foreground"); the connected part that holds the click."""
     h, w = image.shape[:2]
     x, y = _pixel(point, (h, w))
-    half = max(8, min(h, w) // 4)
-    wx0, wy0, wx1, wy1 = (
-        max(x - half, 0),
-        max(y - half, 0),
-        min(x + half + 1, w),
-        min(y + half + 1, h),
-    )
+    wx0, wy0, wx1, wy1 = _click_window(point, (h, w))
     window = None if prob is None else prob[wy0:wy1, wx0:wx1]
     labels = _seed_labels(window, (wy1 - wy0, wx1 - wx0))
     labels[[0, -1], :] = cv2.GC_BGD
     labels[:, [0, -1]] = cv2.GC_BGD
-    r = max(2, half // 8)
+    r = max(2, _click_half((h, w)) // 8)
     yy, xx = np.ogrid[wy0:wy1, wx0:wx1]
     labels[(yy - y) ** 2 + (xx - x) ** 2 <= r * r] = cv2.GC_FGD
     fg = _grabcut(image[wy0:wy1, wx0:wx1], labels)
@@ -139,14 +145,25 @@ def click_region(
     return out
 
 
-def remove_at(mask: np.ndarray, point: tuple[float, float]) -> np.ndarray:
-    """``mask`` without the connected component under a negative click (unchanged when the
-    click is on background)."""
+def remove_at(
+    image: np.ndarray, prob: np.ndarray | None, mask: np.ndarray, point: tuple[float, float]
+) -> np.ndarray:
+    """``mask`` without the part under a negative click; unchanged when the click is on
+    background. A component that lies within the click's window goes whole (a stray blob);
+    a larger one loses only what GrabCut finds around the click, seeded by the map's complement
+    (``1 - prob``). Removing the whole component erased most of a GlaS mask, which is one
+    connected blob over many glands (bench/interactive_clicks.py)."""
     x, y = _pixel(point, mask.shape)
     if not mask[y, x]:
         return mask.copy()
     comp, _ = ndimage.label(mask)
-    return mask & (comp != comp[y, x])
+    part = comp == comp[y, x]
+    x0, y0, x1, y1 = _click_window(point, mask.shape)
+    outside = part.copy()
+    outside[y0:y1, x0:x1] = False
+    if not outside.any():
+        return mask & ~part
+    return mask & ~click_region(image, None if prob is None else 1.0 - prob, point)
 
 
 def apply_clicks(
@@ -157,12 +174,12 @@ def apply_clicks(
 ) -> np.ndarray:
     """``mask`` after the clicks (x, y, positive) in order: a positive click adds the object
     under it (nothing when it is already in the mask), a negative one removes the part of the
-    mask under it."""
+    mask under it (remove_at)."""
     out = mask.copy()
     for x, y, positive in clicks:
         xi, yi = _pixel((x, y), mask.shape)
         if positive and not out[yi, xi]:
             out |= click_region(image, prob, (x, y))
         elif not positive:
-            out = remove_at(out, (x, y))
+            out = remove_at(image, prob, out, (x, y))
     return out

@@ -1,0 +1,135 @@
+"""How much smart keypoints improve a mask on GlaS: a simulated annotator clicks, one at a time.
+
+    python bench/interactive_clicks.py --data ../shared/data/glas --model MODELS/lite_224 \
+        --clicks 5 --out bench/results/interactive_clicks.json
+
+The usual protocol of interactive segmentation (e.g. DEXTR's and RITM's click simulators):
+start from the pre-annotation at native size; before each click, find the largest connected
+error region against the ground truth, and click at its innermost pixel (the maximum of its
+distance transform), positive on a missed region, negative on a false one. Each click goes
+through refine.apply_clicks, as /predict runs it. Scored after every click by foreground IoU
+and Dice per image, for:
+- the window seeded by the served map (camlabel's keypoints);
+- the window alone (no model);
+- the map-seeded window with the earlier negative click, which removed the whole connected
+  component under it (kept here as the reference the change was measured against).
+An all-ones mask is the reference a mask has to beat.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy import ndimage
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine  # noqa: E402
+
+from wsl_models import refine  # noqa: E402
+from wsl_models.data import load_dataset  # noqa: E402
+from wsl_models.images import open_image, open_mask, to_tensor  # noqa: E402
+from wsl_models.versions import ModelStore  # noqa: E402
+
+
+def _scores(mask: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
+    inter, union = float((mask & truth).sum()), float((mask | truth).sum())
+    total = float(mask.sum() + truth.sum())
+    return inter / max(union, 1.0), 2 * inter / max(total, 1.0)
+
+
+def next_click(mask: np.ndarray, truth: np.ndarray) -> tuple[float, float, bool] | None:
+    """The simulated annotator's click: the innermost pixel of the largest error region."""
+    best = None
+    for positive, error in ((True, truth & ~mask), (False, mask & ~truth)):
+        comps, n = ndimage.label(error)
+        if n == 0:
+            continue
+        sizes = ndimage.sum_labels(error, comps, index=np.arange(1, n + 1))
+        k = int(np.argmax(sizes)) + 1
+        if best is None or sizes[k - 1] > best[0]:
+            best = (sizes[k - 1], comps == k, positive)
+    if best is None:
+        return None
+    _, region, positive = best
+    depth = ndimage.distance_transform_edt(np.pad(region, 1))[1:-1, 1:-1]
+    y, x = np.unravel_index(int(np.argmax(depth)), depth.shape)
+    return float(x) + 0.5, float(y) + 0.5, positive
+
+
+def _click(image, prob, mask, click, whole_component: bool) -> np.ndarray:
+    x, y, positive = click
+    if positive or not whole_component:
+        return refine.apply_clicks(image, prob, mask, [click])
+    comp, _ = ndimage.label(mask)
+    xi, yi = int(x), int(y)
+    return mask & (comp != comp[yi, xi]) if mask[yi, xi] else mask.copy()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", required=True)
+    p.add_argument("--model", required=True)
+    p.add_argument("--split", default="test")
+    p.add_argument("--clicks", type=int, default=5)
+    p.add_argument("--limit", type=int, default=0, help="first N images only (0: all)")
+    p.add_argument("--out", default="bench/results/interactive_clicks.json")
+    args = p.parse_args()
+    store = ModelStore(args.model)
+    ens = store.load()
+    cfg = ens.config
+    samples = load_dataset(args.data).split(args.split)
+    samples = samples[: args.limit] if args.limit else samples
+    seeds = {  # name: (seed the window with the map, a negative click removes its component)
+        "map-seeded window (camlabel)": (True, False),
+        "window alone (no model)": (False, False),
+        "map-seeded, negative removes the whole component (before)": (True, True),
+    }
+    iou = {name: np.zeros((len(samples), args.clicks + 1)) for name in seeds}
+    dice = {name: np.zeros((len(samples), args.clicks + 1)) for name in seeds}
+    positives = {name: 0 for name in seeds}
+    ones = []
+    for i, s in enumerate(tqdm(samples, desc="images")):
+        img = open_image(s.image)
+        truth = open_mask(s.mask, img.size)
+        with torch.no_grad():
+            out = ens.predict(to_tensor(img, cfg.image_size)[None], seed=0, samples=0)
+        m = ens.masks(out, 0, truth.shape)
+        start = m.mask if m.mask is not None else np.zeros_like(truth)
+        pixels = np.asarray(img)
+        ones.append(_scores(np.ones_like(truth), truth))
+        for name, (use_map, whole_component) in seeds.items():
+            prob = m.intersection_map if use_map else None
+            mask = start
+            iou[name][i, 0], dice[name][i, 0] = _scores(mask, truth)
+            for c in range(1, args.clicks + 1):
+                click = next_click(mask, truth)
+                if click is not None:
+                    positives[name] += click[2]
+                    mask = _click(pixels, prob, mask, click, whole_component)
+                iou[name][i, c], dice[name][i, c] = _scores(mask, truth)
+    rows = {name: {"mean_iou_after_clicks": iou[name].mean(0).round(4).tolist(),
+                   "mean_dice_after_clicks": dice[name].mean(0).round(4).tolist(),
+                   "positive_click_share": positives[name] / (len(samples) * args.clicks)}
+            for name in seeds}  # fmt: skip
+    all_ones = {"mean_iou": float(np.mean([o[0] for o in ones])),
+                "mean_dice": float(np.mean([o[1] for o in ones]))}  # fmt: skip
+    for name, r in rows.items():
+        print(f"{name}\n  IoU by clicks  {r['mean_iou_after_clicks']}")
+        print(f"  Dice by clicks {r['mean_dice_after_clicks']}")
+    print(f"all-ones mask: IoU {all_ones['mean_iou']:.3f}  Dice {all_ones['mean_dice']:.3f}")
+    result = {"machine": machine(), "model": store.current_id(), "map_source": cfg.map_source,
+              "split": args.split, "images": len(samples), "clicks": args.clicks,
+              "rows": rows, "all_ones": all_ones}  # fmt: skip
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

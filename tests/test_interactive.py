@@ -207,6 +207,24 @@ def test_keypoints_edit_the_tasks_current_mask(client):
     assert np.array_equal(mask, left)
 
 
+def test_each_click_answer_applies_every_keypoint_so_far(client):
+    """Label Studio's UI sends, with each new smart keypoint, all smart keypoints of that label
+    in the annotation (getConnectedDynamicRegions in its 1.23 frontend): the second answer
+    holds both edits, on top of the same draft."""
+    img, left, right = _two_disks()
+    draft = {"result": [{"from_name": "mask", "to_name": "image", "type": "brushlabels",
+                         "original_width": 200, "original_height": 100,
+                         "value": {"format": "rle", "rle": mask_to_rle(left),
+                                   "brushlabels": ["lesion"]}}]}  # fmt: skip
+    task = {"id": 3, "data": {"image": _uri(img)}, "drafts": [draft]}
+    clicks = [_point(75, 50), _point(25, 50, positive=False)]  # add the right, drop the left
+    first = rle_to_mask(_prompt(client, task, clicks[:1])["result"][0]["value"]["rle"], 100, 200)
+    second = rle_to_mask(_prompt(client, task, clicks)["result"][0]["value"]["rle"], 100, 200)
+    assert (first & left).sum() == left.sum() and _iou(first & ~left, right) >= 0.6
+    assert not (second & left).any() and _iou(second, right) >= 0.6
+    assert np.array_equal(second, first & ~left)
+
+
 @pytest.mark.parametrize(
     ("items", "message"),
     [

@@ -70,6 +70,10 @@ class Settings:
     # answer worse (mean gland IoU 0.40 vs 0.56; bench/interactive_quality.py).
     box_prior: str = "box"
     review_band: str = "0.3,0.7"
+    # MAX_LOADED_LINES: project lines a worker keeps loaded (the base model's is always kept);
+    # past it, the line least recently asked for is dropped from memory, and its next request
+    # waits while it loads back. 0: no limit.
+    max_loaded_lines: int = 8
 
     @property
     def review_band_values(self) -> tuple[float, float]:
@@ -109,4 +113,5 @@ class Settings:
             review_label=_env("REVIEW_LABEL"),
             box_prior=_env("BOX_PRIOR", cls.box_prior).lower(),
             review_band=_env("REVIEW_BAND", cls.review_band),
+            max_loaded_lines=int(_env("MAX_LOADED_LINES", str(cls.max_loaded_lines))),
         )

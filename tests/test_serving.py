@@ -204,6 +204,36 @@ def test_each_project_is_served_from_its_own_line(model_dir, tmp_path):
     assert predict("9", SYNTH_CONFIG)["model_version"] == base
 
 
+def test_a_worker_keeps_at_most_max_loaded_lines(model_dir, tmp_path):
+    """MAX_LOADED_LINES=1: one project line in memory besides the base; the project asked for
+    last stays, the other is dropped, and its next request is answered by its own version
+    (loaded back, never the base's), while the watcher does not load dropped lines back."""
+    import shutil
+
+    root = tmp_path / "m"
+    shutil.copytree(model_dir, root)
+    own = {p: _saved(root / "projects" / str(p), ["lesion", "normal"], p) for p in (7, 8)}
+    app = create_app(Settings(model_dir=str(root), max_loaded_lines=1))
+    holder = app.config["camlabel"]["holder"]
+    client = app.test_client()
+    tasks = _tasks(1)
+
+    def predict(pid: int) -> str:
+        body = {"tasks": tasks, "label_config": SYNTH_CONFIG, "project": f"{pid}.1712"}
+        return client.post("/predict", json=body).get_json()["model_version"]
+
+    newest = max(own, key=own.get)
+    assert holder.loaded() == sorted([str(newest), "base"])  # the start: the newest line
+    for pid in (7, 8, 7, 7, 8):
+        assert predict(pid) == own[pid]
+        assert holder.loaded() == sorted([str(pid), "base"])
+        holder.refresh()  # the watcher's check brings nothing back
+        holder.settle()
+        assert holder.loaded() == sorted([str(pid), "base"])
+    with pytest.raises(ValueError, match="MAX_LOADED_LINES"):
+        create_app(Settings(model_dir=str(root), max_loaded_lines=-1))
+
+
 def test_images_past_the_deadline_get_their_own_error(model_dir):
     """One task's image host hangs: the others are answered, that one gets an error, and the
     request does not wait for the hung download."""

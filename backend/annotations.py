@@ -31,21 +31,23 @@ def _image_label(results: list[dict], schema: Any) -> str:
     for r in results:
         if r.get("from_name") == schema.choices_name and r.get("value", {}).get("choices"):
             return r["value"]["choices"][0]
-    brushes = {b for r in results if r.get("type") == "brushlabels"
-               for b in r.get("value", {}).get("brushlabels", [])}  # fmt: skip
+    brushes = {b for r in results if r.get("type") == "brushlabels" for b in _brush_labels(r)}
     return brushes.pop() if len(brushes) == 1 else ""
+
+
+def _results(task: dict, review_label: str = "") -> list[dict]:
+    """The results of the task's latest annotation, without ``review_label`` brush regions."""
+    annotation = _latest_annotation(task)
+    results = annotation.get("result", []) if annotation else []
+    if review_label:
+        results = [r for r in results if review_label not in _brush_labels(r)]
+    return results
 
 
 def annotated_labels(tasks: list[dict], label_config: str, review_label: str = "") -> set[str]:
     """The image labels the tasks' latest annotations give (before any image is fetched)."""
     schema = parse_label_config(label_config)
-    labels = set()
-    for task in tasks:
-        annotation = _latest_annotation(task)
-        results = annotation.get("result", []) if annotation else []
-        results = [r for r in results if not review_label or review_label not in _brush_labels(r)]
-        labels.add(_image_label(results, schema))
-    return labels - {""}
+    return {_image_label(_results(task, review_label), schema) for task in tasks} - {""}
 
 
 def _brush_labels(result: Any) -> list:
@@ -79,10 +81,7 @@ def collect_dataset(
               "skipped": 0}  # fmt: skip
     work = [(t, True) for t in tasks] + [(t, False) for t in unlabelled or []]
     for task, annotated in work:
-        annotation = _latest_annotation(task) if annotated else None
-        results = annotation.get("result", []) if annotation else []
-        if review_label:
-            results = [r for r in results if review_label not in _brush_labels(r)]
+        results = _results(task, review_label) if annotated else []
         label = _image_label(results, schema)
         brush = [
             r for r in results if r.get("type") == "brushlabels" and r.get("value", {}).get("rle")

@@ -176,7 +176,8 @@ def create_app(settings: Settings | None = None, queue: TrainingQueue | None = N
             raise BadRequest(f"{action} webhook without a valid project id")
         if queue is None:
             return jsonify(error=queue_error), 503
-        model = CamLabelModel(holder.get(pid), engine, fetcher, settings, "", pid)
+        # fit() only queues a job: no model (holder.get would mark the line used, or reload it)
+        model = CamLabelModel((None, None), engine, fetcher, settings, "", pid)
         try:
             status = model.fit(action, {**data, "project": {**project, "id": pid}}, queue)
         except Exception as exc:  # e.g. the queue's disk is full: nothing was queued

@@ -71,20 +71,18 @@ class CamLabelModel:
         tasks: list[dict[str, Any]],
         context: dict | None = None,
         embeddings: bool = False,
-        deadline: float | None = None,
     ) -> list[dict]:
         """One prediction per task, in order. A task that fails gets {"error": ...} only.
 
-        Images are fetched in parallel until ``deadline`` (time.monotonic(); default now +
-        FETCH_DEADLINE), then go to the worker's inference thread. ``embeddings``: add each
+        Images are fetched in parallel for at most FETCH_DEADLINE seconds from now, then go
+        to the worker's inference thread. ``embeddings``: add each
         image's "embedding" (for batch diversity; not sent to Label Studio).
         """
         if self.schema is None:
             self.setup()
         if self.ensemble is None:
             return [{"result": [], "model_version": UNTRAINED} for _ in tasks]
-        if deadline is None:
-            deadline = time.monotonic() + self.settings.fetch_deadline
+        deadline = time.monotonic() + self.settings.fetch_deadline
         if context:  # a smart tool's prompt (interactive mode): one brush region per task
             return [self._prompted(task, context, deadline) for task in tasks]
         results: list[dict | None] = [None] * len(tasks)
@@ -148,19 +146,22 @@ class CamLabelModel:
             cfg = ensemble.config
             x = to_tensor(image, cfg.image_size)[None]
             (out,) = self.engine.predict(ensemble, x, samples=0)
-            classes = [c for c in cfg.classes
-                       if schema.label_for(c, (prompt.label,), self.label_map)]  # fmt: skip
-            label = cfg.classes.index(classes[0]) if classes else None
             width, height = image.size
-            masks = ensemble.masks(out, 0, (height, width), label=label)
-            pixels, prob = np.asarray(image), masks.intersection_map
+            masks, prob = None, None
+            if prompt.clicks or self.settings.box_prior == "map":  # what uses the model's map
+                classes = [c for c in cfg.classes
+                           if schema.label_for(c, (prompt.label,), self.label_map)]  # fmt: skip
+                label = cfg.classes.index(classes[0]) if classes else None
+                masks = ensemble.masks(out, 0, (height, width), label=label)
+                prob = masks.intersection_map
+            pixels = np.asarray(image)
             mask = np.zeros((height, width), bool)
             inside = prob if self.settings.box_prior == "map" else None  # BOX_PRIOR
             for box in prompt.boxes:
                 mask |= refine.box_mask(pixels, inside, box)
             if prompt.clicks and not prompt.boxes:  # clicks edit the mask the annotator sees
                 start = current_mask(task, schema.brush_name, prompt.label, image.size)
-                if start is None and masks.mask is not None:
+                if start is None and masks is not None and masks.mask is not None:
                     start = masks.mask  # no draft or prediction: the pre-annotation
                 mask = start if start is not None else mask
             if prompt.clicks:
@@ -193,12 +194,12 @@ class CamLabelModel:
 
     def _task_result(self, out: EnsembleOutput, size: tuple[int, int], acq_value: float) -> dict:
         """The regions of one image (``out`` holds that image alone) at its displayed size."""
-        schema, ensemble, j = self.schema, self.ensemble, 0
+        schema, ensemble = self.schema, self.ensemble
         cfg = ensemble.config
         width, height = size
-        masks = ensemble.masks(out, j, (height, width))
+        masks = ensemble.masks(out, 0, (height, width))
         label = cfg.classes[masks.label]
-        confidence = float(out.confidence[j])
+        confidence = float(out.confidence[0])
         mapping = self.label_map
         regions: list[dict] = []
 
@@ -217,8 +218,8 @@ class CamLabelModel:
                 unsure = review_region(agreeing, masks.intersection_map, band)
                 if unsure.any():
                     regions.append(self._brush(schema.brush_name, review, unsure, size, confidence))
-        unc = {k: float(v[j]) for k, v in out.uncertainty.items()}
-        flagged = bool(out.flagged[j])
+        unc = {k: float(v[0]) for k, v in out.uncertainty.items()}
+        flagged = bool(out.flagged[0])
         # Visible in the region panel: why this task was ranked where it is.
         note = (
             f"camlabel: {'please review: ' if flagged else ''}confidence {confidence:.2f}, "

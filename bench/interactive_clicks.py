@@ -34,13 +34,14 @@ from common import machine  # noqa: E402
 from wsl_models import refine  # noqa: E402
 from wsl_models.data import load_dataset  # noqa: E402
 from wsl_models.images import open_image, open_mask, to_tensor  # noqa: E402
+from wsl_models.metrics import segmentation_scores  # noqa: E402
 from wsl_models.versions import ModelStore  # noqa: E402
 
 
 def _scores(mask: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
-    inter, union = float((mask & truth).sum()), float((mask | truth).sum())
-    total = float(mask.sum() + truth.sum())
-    return inter / max(union, 1.0), 2 * inter / max(total, 1.0)
+    """Foreground (IoU, Dice)."""
+    s = segmentation_scores(mask, truth)
+    return s["iou_fg"], s["dice_fg"]
 
 
 def next_click(mask: np.ndarray, truth: np.ndarray) -> tuple[float, float, bool] | None:

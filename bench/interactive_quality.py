@@ -31,11 +31,12 @@ from common import machine  # noqa: E402
 from wsl_models import refine  # noqa: E402
 from wsl_models.data import load_dataset  # noqa: E402
 from wsl_models.images import open_image, open_mask, to_tensor  # noqa: E402
+from wsl_models.metrics import segmentation_scores  # noqa: E402
 from wsl_models.versions import ModelStore  # noqa: E402
 
 
 def _iou(a: np.ndarray, b: np.ndarray) -> float:
-    return float((a & b).sum() / max((a | b).sum(), 1))
+    return segmentation_scores(a, b)["iou_fg"]
 
 
 def main() -> None:

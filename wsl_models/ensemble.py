@@ -256,7 +256,9 @@ class Ensemble:
                 if t > 0:
                     mc.append(mc_dropout_probs(member, pooled, t, s).float().cpu())
                 else:
-                    mc.append(torch.softmax(member.head(pooled), dim=-1)[None].float().cpu())
+                    mc.append(
+                        torch.softmax(member.logits_from_pooled(pooled), dim=-1)[None].float().cpu()
+                    )
                 cam, loc, dec = heads(member, features, taps)
                 if cfg.tta_flip:
                     cam_m, loc_m, dec_m = heads(member, *forward(member, images.flip(-1)))

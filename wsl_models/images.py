@@ -50,9 +50,10 @@ def _upright(img: Image.Image) -> Image.Image:
     """The image turned by its EXIF orientation (2-8); a broken EXIF block is ignored, as
     browsers do."""
     try:
-        return ImageOps.exif_transpose(img)
+        ImageOps.exif_transpose(img, in_place=True)  # no copy when there is nothing to turn
     except (OSError, SyntaxError, ValueError, TypeError, KeyError, struct_error):
-        return img
+        pass
+    return img
 
 
 def open_mask(path: str | Path, size: tuple[int, int] | None = None) -> np.ndarray:

@@ -159,9 +159,7 @@ def remove_at(
     comp, _ = ndimage.label(mask)
     part = comp == comp[y, x]
     x0, y0, x1, y1 = _click_window(point, mask.shape)
-    outside = part.copy()
-    outside[y0:y1, x0:x1] = False
-    if not outside.any():
+    if part[y0:y1, x0:x1].sum() == part.sum():  # the whole component lies in the window
         return mask & ~part
     return mask & ~click_region(image, None if prob is None else 1.0 - prob, point)
 

@@ -15,7 +15,7 @@ import os
 import shutil
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,7 @@ from wsl_models.ensemble import EnsembleConfig
 from wsl_models.images import parse_size
 from wsl_models.members import LITE_TRIO
 from wsl_models.promotion import Tolerance, holdout_scores, promote
-from wsl_models.training import TrainConfig, train_ensemble
+from wsl_models.training import TrainConfig, compatible, train_ensemble
 
 from .annotations import annotated_labels, collect_dataset
 from .fetch import ImageFetcher
@@ -55,6 +55,10 @@ class TrainingSettings:
     minmax: bool = False  # TRAIN_MINMAX=1: train the min-max entropy localizer as mask head
     decoder: bool = True  # TRAIN_DECODER=0: no full-resolution decoder (masks from CAMs)
     decoder_epochs: int = 60  # TRAIN_DECODER_EPOCHS
+    # TRAIN_FINE_TUNE_EPOCHS: classifier epochs of a job that fine-tunes the serving version
+    # (same members, classes and options); it already holds what the full schedule taught.
+    # 0: the full TRAIN_EPOCHS.
+    fine_tune_epochs: int = 6
     unlabelled: int = 50  # TRAIN_UNLABELLED: unannotated tasks used through pseudo-masks
     tolerance: float = 2.0  # PROMOTE_TOLERANCE: points a new version may lose and still win
 
@@ -74,6 +78,7 @@ class TrainingSettings:
             minmax=e("TRAIN_MINMAX", "0").strip().lower() in ("1", "true", "yes", "on"),
             decoder=e("TRAIN_DECODER", "1").strip().lower() in ("1", "true", "yes", "on"),
             decoder_epochs=int(e("TRAIN_DECODER_EPOCHS", str(cls.decoder_epochs))),
+            fine_tune_epochs=int(e("TRAIN_FINE_TUNE_EPOCHS", str(cls.fine_tune_epochs))),
             unlabelled=int(e("TRAIN_UNLABELLED", str(cls.unlabelled))),
             tolerance=float(e("PROMOTE_TOLERANCE", str(cls.tolerance))),
         )
@@ -164,6 +169,8 @@ def train_from_project(
         schema = parse_label_config(project["label_config"])
         masked = [c for c in dataset.classes if c in schema.brush_labels] or None
         ens_cfg, cfg = job_configs(dataset.classes, masked, train, settings)
+        if compatible(previous, ens_cfg) and train.fine_tune_epochs > 0:
+            cfg = replace(cfg, epochs=min(cfg.epochs, train.fine_tune_epochs))
         ensemble, metrics = train_ensemble(dataset, ens_cfg, cfg, init=previous)
         metrics["fine_tuned_from"] = current if metrics["fine_tuned"] else None
         metrics["source"] = {"project": project_id, **counts}

@@ -17,6 +17,8 @@ The NEGEV / F-CAM recipe (``shared/notes/decoder-from-cam-seeds.md``), shaped fo
 
 from __future__ import annotations
 
+import contextlib
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -31,7 +33,7 @@ from .cam import resize_maps
 from .data import ImageDataset, Sample
 from .ensemble import Ensemble
 from .masks import otsu_threshold
-from .members import Member
+from .members import Member, channels_last
 from .supervision import IGNORE, pseudo_target
 from .train_config import TrainConfig
 
@@ -172,8 +174,14 @@ def plan_targets(
     images = torch.stack([ds[i][0] for i in range(len(ds))])
     wanted_classes = set(conf.mask_classes or conf.classes)
     plan = DecoderTargets([], [], [], [])
-    for start in range(0, len(ds), batch_size):
-        out = ensemble.predict(images[start : start + batch_size], seed=cfg.seed)
+    with contextlib.ExitStack() as layout:  # channels-last forwards, as in cache_taps
+        for member in ensemble.members:
+            layout.enter_context(channels_last(member))
+        outs = [
+            ensemble.predict(images[s : s + batch_size], seed=cfg.seed)
+            for s in range(0, len(ds), batch_size)
+        ]
+    for start, out in zip(range(0, len(ds), batch_size), outs, strict=True):
         member_class = out.member_probs.argmax(-1)  # (M, B)
         for b in range(len(out.label)):
             i = start + b
@@ -200,9 +208,13 @@ def cache_taps(
     """The frozen backbone's taps of every image (one forward each), on ``device``."""
     member.eval()
     chunks: list[list[torch.Tensor]] = []
-    for start in range(0, len(images), batch_size):
-        _, taps = member.features_and_taps(images[start : start + batch_size].to(device))
-        chunks.append([t.float() for t in taps])
+    # Channels-last backbone forwards (1.7x faster here); the decoder trains on contiguous
+    # taps (channels-last taps made its backward slower).
+    with channels_last(member):
+        for start in range(0, len(images), batch_size):
+            x = images[start : start + batch_size].to(device)
+            _, taps = member.features_and_taps(x.contiguous(memory_format=torch.channels_last))
+            chunks.append([t.float().contiguous() for t in taps])
     return [torch.cat(parts) for parts in zip(*chunks, strict=True)]
 
 
@@ -215,6 +227,19 @@ def decoder_probs(member: Member, taps: list[torch.Tensor], batch_size: int = 32
         for s in range(0, len(taps[0]), batch_size)
     ]
     return torch.cat(out)
+
+
+def decoder_epochs(cfg: TrainConfig, images: int) -> int:
+    """``cfg.decoder_epochs``, fewer where ``cfg.decoder_steps`` optimizer steps come first.
+
+    The default schedule (60 epochs) was set on GlaS's 72 training images: 5 batches, 300
+    steps. A 300-image project gets the same 300 steps in 15 epochs instead of 1200 steps
+    (the decoder stage would otherwise grow with the project, 4x on LGG's 313 images).
+    """
+    if cfg.decoder_steps <= 0:
+        return cfg.decoder_epochs
+    per_epoch = max(1, math.ceil(images / cfg.decoder_batch_size))
+    return max(1, min(cfg.decoder_epochs, math.ceil(cfg.decoder_steps / per_epoch)))
 
 
 def _flip(tensors: list[torch.Tensor], dims: list[int]) -> list[torch.Tensor]:
@@ -238,8 +263,9 @@ def train_decoder(
     small = F.interpolate(images, size=grid, mode="area").to(device)
     weights = pair_weights(small, cfg.decoder_affinity_sigma, cfg.decoder_affinity_dilations)
     decoder = member.decoder
+    epochs = decoder_epochs(cfg, n)
     opt = torch.optim.Adam(decoder.parameters(), lr=cfg.decoder_lr)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(cfg.decoder_epochs, 1))
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(epochs, 1))
     rng = np.random.default_rng(seed)
     gen = torch.Generator().manual_seed(seed)
     negative = torch.tensor(plan.negative, device=device)
@@ -248,9 +274,9 @@ def train_decoder(
     blank = torch.full(images.shape[-2:], IGNORE, dtype=torch.uint8)
     human = torch.stack([blank if h is None else h for h in plan.human]).to(device)
     use_pseudo = bool(has_human.any()) and cfg.decoder_pseudo_weight > 0
-    pseudo_from = int(cfg.decoder_pseudo_start * cfg.decoder_epochs)
+    pseudo_from = int(cfg.decoder_pseudo_start * epochs)
     history = []
-    for epoch in range(cfg.decoder_epochs):
+    for epoch in range(epochs):
         seeds = torch.from_numpy(
             np.stack(
                 [
@@ -304,7 +330,7 @@ def train_decoder(
         sched.step()
         history.append({"epoch": epoch + 1, "loss": total / max(steps, 1)})
     decoder.eval()
-    return {"epochs": cfg.decoder_epochs, "final_loss": history[-1]["loss"] if history else None,
+    return {"epochs": epochs, "final_loss": history[-1]["loss"] if history else None,
             "history": history}  # fmt: skip
 
 

@@ -50,6 +50,21 @@ def _capturing() -> Iterator[dict[str, torch.Tensor]]:
         _TAPS.reset(token)
 
 
+@contextmanager
+def channels_last(module: nn.Module) -> Iterator[nn.Module]:
+    """The module's 4-D weights in channels-last layout inside, the usual layout after.
+
+    Measured on this 2-core CPU (oneDNN), batch 16 at 224 px: the Lite0 trunk's forward 1.9x
+    faster (877 -> 467 ms), its top's forward and backward 1.25x. Used for training only:
+    what is saved and served keeps the contiguous layout, so served numbers do not change.
+    """
+    module.to(memory_format=torch.channels_last)
+    try:
+        yield module
+    finally:
+        module.to(memory_format=torch.contiguous_format)
+
+
 class WeightsError(RuntimeError):
     """Backbone weights could not be loaded; the message says what to use instead."""
 
@@ -92,10 +107,15 @@ class Member(nn.Module):
         localizer: bool = False,
         taps: tuple[str, ...] = (),
         decoder: bool = False,
+        split: Callable[[nn.Module], FeatureSplit] | None = None,
     ) -> None:
         super().__init__()
         self.name = name
         self.features = features
+        # Where the frozen trunk ends (stride 16) and the fine-tuned top begins; None: no split
+        # (the whole backbone trains). A plain attribute: the modules stay under ``features``,
+        # so state dicts are those of an unsplit member.
+        self.split = split(features) if split is not None else None
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(channels, num_classes)
         # The min-max entropy localizer: a 1x1 conv on the same feature map -> one foreground
@@ -122,6 +142,24 @@ class Member(nn.Module):
 
     def feature_map(self, x: torch.Tensor) -> torch.Tensor:
         return self.features((x - self.mean) / self.std)
+
+    def trunk_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The trunk's output (stride 16), the input of ``top_features``."""
+        if self.split is None:
+            raise ValueError(f"member {self.name} has no trunk/top split")
+        return self.split.trunk((x - self.mean) / self.std)
+
+    def top_features(self, trunk: torch.Tensor) -> torch.Tensor:
+        """The last feature map from the trunk's output: ``feature_map(x)`` in two steps."""
+        if self.split is None:
+            raise ValueError(f"member {self.name} has no trunk/top split")
+        return self.split.top(trunk)
+
+    def top_parameters(self) -> list[nn.Parameter]:
+        """The backbone parameters after the trunk (all of them without a split)."""
+        if self.split is None:
+            return self.backbone_parameters()
+        return [p for m in self.split.top_modules for p in m.parameters()]
 
     def features_and_taps(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """One backbone forward: the last feature map and the decoder's taps (fine -> coarse,
@@ -170,6 +208,43 @@ class Member(nn.Module):
     def head_parameters(self) -> list[nn.Parameter]:
         extra = list(self.localizer.parameters()) if self.localizer is not None else []
         return list(self.head.parameters()) + extra
+
+
+@dataclass(frozen=True)
+class FeatureSplit:
+    """A feature module in two steps: ``top(trunk(x)) == features(x)``.
+
+    Fine-tuning on a few hundred images barely moves the lower stages (frozen BatchNorm, 10x
+    lower backbone learning rate), so the trainer freezes the trunk, runs it once per image
+    view and trains only the top (``training.py``). The trunk ends where the last stride-2 stage
+    begins (stride 16 at output stride 32): the stride-16 decoder tap is its output.
+    """
+
+    trunk: Callable[[torch.Tensor], torch.Tensor]
+    top: Callable[[torch.Tensor], torch.Tensor]
+    top_modules: tuple[nn.Module, ...]
+
+
+def _sequential_split(
+    body: nn.Sequential, at: int, after: tuple[nn.Module, ...] = ()
+) -> FeatureSplit:
+    """``body[:at]`` | ``body[at:]`` then ``after``; slices share the modules, register nothing."""
+    trunk, top = body[:at], nn.Sequential(*body[at:], *after)
+    return FeatureSplit(trunk, top, tuple(top))
+
+
+def _resnet50_split(body: nn.Module) -> FeatureSplit:
+    return _sequential_split(body, 7)  # conv1 .. layer3 | layer4
+
+
+def _efficientnet_b0_split(body: nn.Module) -> FeatureSplit:
+    return _sequential_split(body, 6)  # stem .. stage 5 | stages 6, 7 and the 1x1 head conv
+
+
+def _densenet121_split(body: nn.Module) -> FeatureSplit:
+    features, relu = body[0], body[1]
+    at = list(dict(features.named_children())).index("transition3")
+    return _sequential_split(features, at, (relu,))  # .. denseblock3 | transition3 .. relu
 
 
 # ---------------------------------------------------------------- builders
@@ -249,12 +324,37 @@ def _efficientnet_b0(pretrained: bool, output_stride: int = 32) -> tuple[nn.Modu
 
 
 class _LiteFeatures(nn.Module):
-    def __init__(self, net: nn.Module) -> None:
+    """The package's ``extract_features``; ``split_at``: the block that opens the last stage."""
+
+    def __init__(self, net: nn.Module, split_at: int) -> None:
         super().__init__()
         self.net = net
+        self.split_at = split_at
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net.extract_features(x)
+
+    def blocks(self, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """Blocks ``start:stop`` as ``extract_features`` runs them (drop-connect by index)."""
+        net = self.net
+        for idx in range(start, stop):
+            rate = net._global_params.drop_connect_rate
+            if rate:
+                rate *= float(idx) / len(net._blocks)
+            x = net._blocks[idx](x, drop_connect_rate=rate)
+        return x
+
+    def split(self) -> FeatureSplit:
+        net, at = self.net, self.split_at
+        n = len(net._blocks)
+
+        def trunk(x: torch.Tensor) -> torch.Tensor:
+            return self.blocks(net._swish(net._bn0(net._conv_stem(x))), 0, at)
+
+        def top(h: torch.Tensor) -> torch.Tensor:
+            return net._swish(net._bn1(net._conv_head(self.blocks(h, at, n))))
+
+        return FeatureSplit(trunk, top, (*list(net._blocks)[at:], net._conv_head, net._bn1))
 
 
 def _lite(variant: int) -> Callable[..., tuple[nn.Module, int]]:
@@ -274,15 +374,15 @@ def _lite(variant: int) -> Callable[..., tuple[nn.Module, int]]:
             net = EfficientNet.from_pretrained(name, weights_path=path)
         else:
             net = EfficientNet.from_name(name)
+        blocks = list(net._blocks)
+        last = max(i for i, b in enumerate(blocks) if _stride(b._depthwise_conv) == 2)
         if output_stride == 16:
-            blocks = list(net._blocks)
-            last = max(i for i, b in enumerate(blocks) if b._depthwise_conv.stride[0] == 2)
             _unstride(blocks[last]._depthwise_conv)
             _dilate(blocks[last + 1 :], 2)
         # Our own dropout + head replace the package's classifier.
         net._fc = nn.Identity()
         net._dropout = nn.Identity()
-        return _LiteFeatures(net), net._conv_head.out_channels
+        return _LiteFeatures(net, last), net._conv_head.out_channels
 
     return build
 
@@ -323,6 +423,8 @@ class MemberSpec:
     stride: int = 32
     offline_weights: bool = False
     taps: tuple[str, ...] | Callable[[nn.Module], tuple[str, ...]] = ()
+    # The frozen-trunk / trainable-top split of the built feature module (None: none).
+    split: Callable[[nn.Module], FeatureSplit] | None = None
 
     def taps_of(self, features: nn.Module) -> tuple[str, ...]:
         return self.taps(features) if callable(self.taps) else self.taps
@@ -331,13 +433,28 @@ class MemberSpec:
 MEMBERS: dict[str, MemberSpec] = {
     s.name: s
     for s in [
-        MemberSpec("resnet50", _resnet50, taps=("4", "5", "6")),  # layer1..layer3
-        MemberSpec("efficientnet_b0", _efficientnet_b0, taps=("2", "3", "5")),
+        # layer1..layer3
+        MemberSpec("resnet50", _resnet50, taps=("4", "5", "6"), split=_resnet50_split),
         MemberSpec(
-            "densenet121", _densenet121, taps=("0.denseblock1", "0.denseblock2", "0.denseblock3")
+            "efficientnet_b0", _efficientnet_b0, taps=("2", "3", "5"), split=_efficientnet_b0_split
+        ),
+        MemberSpec(
+            "densenet121",
+            _densenet121,
+            taps=("0.denseblock1", "0.denseblock2", "0.denseblock3"),
+            split=_densenet121_split,
         ),
         *[
-            MemberSpec(f"efficientnet_lite{i}", _lite(i), LITE_MEAN, LITE_STD, 32, True, _lite_taps)
+            MemberSpec(
+                f"efficientnet_lite{i}",
+                _lite(i),
+                LITE_MEAN,
+                LITE_STD,
+                32,
+                True,
+                _lite_taps,
+                split=_LiteFeatures.split,
+            )
             for i in (0, 1, 2)
         ],
         MemberSpec("tiny", _tiny, stride=8, taps=("2", "5")),  # strides 2 and 4, then 8
@@ -431,6 +548,7 @@ def build_member(
         localizer,
         taps,
         decoder,
+        spec.split,
     )
     if w.is_file:
         _load_backbone_file(member, Path(w.source))

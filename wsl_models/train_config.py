@@ -24,6 +24,13 @@ class TrainConfig:
     seed: int = 0
     weights: str = "imagenet"  # imagenet | none | PATH | "member=value,member=value"
     freeze_bn: bool | None = None  # None: frozen when pretrained
+    # The trunk (every stage below the last, stride 16) frozen and run once per image view;
+    # each epoch trains the last stage and the head on a cached view (feature_bank.py).
+    # None: when pretrained (ImageNet, a file, or a previous version). False: the whole
+    # backbone trains, every batch decoded and augmented afresh (the trainer before).
+    freeze_trunk: bool | None = None
+    feature_views: int = 4  # augmented views per image in the bank (1 without augmentation)
+    feature_bank_mb: float = 2048  # per member; fewer views are cached beyond it
     calibration_images: int = 6
     review_quantile: float = 0.9
     # Checkpoint selection: "loss" (validation loss), "localization" (PxAP of the member's
@@ -57,6 +64,9 @@ class TrainConfig:
     # members' consensus CAM (min) is above its Otsu threshold (eroded decoder_seed_erode
     # cells), decoder_seed_bg pixels among the decoder_seed_bg_fraction lowest of their max.
     decoder_epochs: int = 60
+    # At most this many optimizer steps per decoder (0: no cap): 60 epochs of GlaS's 72 images
+    # (decoder_training.decoder_epochs).
+    decoder_steps: int = 300
     decoder_lr: float = 3e-3
     decoder_batch_size: int = 16
     decoder_seed_fg: int = 16

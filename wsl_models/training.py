@@ -7,9 +7,11 @@ and a lower backbone learning rate (measured on GlaS: BatchNorm in train mode wi
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
+import time
 from dataclasses import asdict
 from typing import Any
 
@@ -32,7 +34,8 @@ from .data import (
 )
 from .decoder_training import train_decoders
 from .ensemble import Ensemble, EnsembleConfig
-from .members import Member, Weights, build_member
+from .feature_bank import FeatureBank
+from .members import Member, Weights, build_member, channels_last
 from .metrics import pxap
 from .supervision import (
     HUMAN,
@@ -72,6 +75,19 @@ def _evaluate_loss(member: Member, ds: ImageDataset, device: torch.device, bs: i
     return loss / len(ds), correct / len(ds)
 
 
+@torch.no_grad()
+def _evaluate_bank(member: Member, bank: FeatureBank, bs: int) -> tuple:
+    """``_evaluate_loss`` on cached trunk outputs (view 0, unaugmented)."""
+    member.eval()
+    loss, correct = 0.0, 0
+    for i in range(0, len(bank), bs):
+        h, y = bank.features[0, i : i + bs], bank.labels[i : i + bs]
+        logits = member.logits_from_pooled(member.top_features(h).mean(dim=(2, 3)))
+        loss += float(nn.functional.cross_entropy(logits, y, reduction="sum"))
+        correct += int((logits.argmax(1) == y).sum())
+    return loss / len(bank), correct / len(bank)
+
+
 def _batch(batch: list | tuple, device: torch.device) -> tuple:
     """(x, y) from an ImageDataset, (x, y, target, kind) from a PixelDataset."""
     x, y = batch[0].to(device), torch.as_tensor(batch[1], device=device)
@@ -82,7 +98,7 @@ def _batch(batch: list | tuple, device: torch.device) -> tuple:
 
 def _step_loss(
     member: Member,
-    x: torch.Tensor,
+    features: torch.Tensor,
     y: torch.Tensor,
     target: torch.Tensor | None,
     kind: torch.Tensor | None,
@@ -90,14 +106,15 @@ def _step_loss(
     cam: Any,
     mask_class: torch.Tensor,
     share: tuple[float, float, float] = (1.0, 1.0, 1.0),
+    x: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The joint loss of one batch; returns (loss, logits).
+    """The joint loss of one batch from its last feature maps; returns (loss, logits).
 
     ``share``: factors of the terms that are means over all, over the labelled, and over the
     min-max images of the batch (``_shares``; 1 single-process). Pixel losses run outside
-    autocast: binary cross-entropy is unsafe in half precision.
+    autocast: binary cross-entropy is unsafe in half precision. ``x``: the images, needed by
+    the min-max objective only (it re-runs the member on masked images).
     """
-    features = member.feature_map(x)
     logits = member.logits_from_pooled(features.mean(dim=(2, 3)))
     labelled = y >= 0
     loss = (
@@ -109,15 +126,17 @@ def _step_loss(
     if target is not None and bool((kind != NO_TARGET).any()):
         # Unlabelled images are supervised on the map of the class the model predicts.
         cls = torch.where(labelled, y, logits.argmax(1))
-        with distributed.full_precision(x.device):
+        with distributed.full_precision(features.device):
             maps = class_map(member, features.float(), cls, cam)
             loss = loss + pixel_loss(maps, target, kind, weights) * share[0]
     if cfg.minmax and member.localizer is not None:
+        if x is None:
+            raise ValueError("the min-max objective needs the images (the streaming trainer)")
         wanted = torch.where(labelled & mask_class[y.clamp_min(0)], y, torch.full_like(y, -1))
         mm, soft = minmax_entropy_loss(member, x, wanted, features, tuple(cfg.minmax_area))
         loss = loss + cfg.minmax_weight * mm * share[2]
         if target is not None:  # the localizer also learns from the human and pseudo masks
-            with distributed.full_precision(x.device):
+            with distributed.full_precision(features.device):
                 loss = loss + pixel_loss(soft[:, 0].float(), target, kind, weights) * share[0]
     return loss, logits
 
@@ -135,6 +154,68 @@ def _shares(y: torch.Tensor, mask_class: torch.Tensor) -> tuple[float, float, fl
     return (a, b, c)
 
 
+def uses_feature_bank(member: Member, cfg: TrainConfig, pretrained: bool) -> bool:
+    """Whether ``member`` trains its top on cached trunk outputs (``feature_bank.py``): a
+    pretrained member with a trunk/top split, unless ``cfg.freeze_trunk`` says otherwise.
+    The min-max objective (it re-runs masked images) and torchrun keep the whole-backbone
+    trainer."""
+    freeze = pretrained if cfg.freeze_trunk is None else cfg.freeze_trunk
+    return (
+        freeze and member.split is not None and not cfg.minmax and not distributed.is_distributed()
+    )
+
+
+class _StreamingBatches:
+    """Every batch decoded, augmented and run through the whole backbone (the loader's draw)."""
+
+    def __init__(self, member: Member, train_ds: ImageDataset, cfg: TrainConfig, device) -> None:
+        self.member, self.device = member, device
+        # Under torchrun: the same draw on every rank, each rank loading its share of a batch.
+        self.loader = distributed.global_batch_loader(
+            train_ds,
+            class_balanced_weights(train_ds.labels),
+            cfg.batch_size,
+            drop_last=len(train_ds) > cfg.batch_size,
+        )
+
+    def epoch(self):
+        for batch in self.loader:
+            x, y, target, kind = _batch(batch, self.device)
+            yield x, y, target, kind
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.member.feature_map(x)
+
+
+class _BankedBatches:
+    """Class-balanced batches of cached trunk outputs: a random view per image, and a random
+    flip per batch in feature space (the target flipped with it)."""
+
+    def __init__(self, member: Member, train_ds: ImageDataset, cfg: TrainConfig, device) -> None:
+        self.member, self.cfg = member, cfg
+        self.bank = FeatureBank.build(
+            member, train_ds, cfg.feature_views, device, cfg.batch_size, cfg.feature_bank_mb
+        )
+        self.weights = class_balanced_weights(train_ds.labels)
+
+    def epoch(self):
+        n, bs = len(self.bank), self.cfg.batch_size
+        draw = torch.multinomial(self.weights, n, replacement=True)
+        views = torch.randint(self.bank.views, (n,))
+        device = self.bank.features.device
+        for start in range(0, n, bs):
+            idx = draw[start : start + bs]
+            if n > bs and len(idx) < bs:
+                break  # drop_last, as the loader
+            flip = ()
+            if self.cfg.augment:
+                flip = tuple(d for d in (-1, -2) if float(torch.rand(())) < 0.5)
+            yield self.bank.batch(idx.to(device), views[start : start + bs].to(device), flip)
+
+    def features(self, h: torch.Tensor) -> torch.Tensor:
+        return self.member.top_features(h.contiguous(memory_format=torch.channels_last))
+
+
 def train_member(
     member: Member,
     train_ds: ImageDataset,
@@ -148,7 +229,8 @@ def train_member(
     """Train one member in place; keeps the weights of the selected epoch.
 
     ``train_ds`` may be a PixelDataset (pixel targets); ``mask_class[c]``: whether class c has
-    a foreground to localise (the min-max objective skips the others).
+    a foreground to localise (the min-max objective skips the others). A pretrained member
+    with a trunk/top split trains only its top, on cached trunk outputs (``uses_feature_bank``).
     """
     device = resolve_device(cfg.device)
     member.to(device)
@@ -162,21 +244,29 @@ def train_member(
     mask_class = mask_class.to(device)
     freeze_bn = pretrained if cfg.freeze_bn is None else cfg.freeze_bn
     factor = cfg.backbone_lr_factor or (0.1 if pretrained else 1.0)
+    banked = uses_feature_bank(member, cfg, pretrained)
+    timer = time.perf_counter()
+    if banked:
+        source: _StreamingBatches | _BankedBatches = _BankedBatches(member, train_ds, cfg, device)
+        val_bank = (
+            FeatureBank.build(member, val_ds, 1, device, cfg.batch_size)
+            if val_ds is not None and len(val_ds)
+            else None
+        )
+    else:
+        source = _StreamingBatches(member, train_ds, cfg, device)
+    seconds = {"feature_bank": time.perf_counter() - timer, "epochs": 0.0, "validation": 0.0}
     opt = torch.optim.AdamW(
         [
-            {"params": member.backbone_parameters(), "lr": cfg.lr * factor},
+            {
+                "params": member.top_parameters() if banked else member.backbone_parameters(),
+                "lr": cfg.lr * factor,
+            },
             {"params": member.head_parameters(), "lr": cfg.lr},
         ],
         weight_decay=cfg.weight_decay,
     )
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(cfg.epochs, 1))
-    # Under torchrun: the same draw on every rank, each rank loading its share of each batch.
-    loader = distributed.global_batch_loader(
-        train_ds,
-        class_balanced_weights(train_ds.labels),
-        cfg.batch_size,
-        drop_last=len(train_ds) > cfg.batch_size,
-    )
     distributed.broadcast_module(member)  # every rank starts from rank 0's weights
     if distributed.is_distributed() and cfg.minmax and not freeze_bn:
         log.warning("min-max training under torchrun: BatchNorm statistics stay per-rank")
@@ -189,59 +279,80 @@ def train_member(
     stale, best_epoch = 0, 0
     quiet = not cfg.progress or not distributed.is_main()
     bar = tqdm(range(cfg.epochs), desc=member.name, disable=quiet, leave=True)
-    for epoch in bar:
-        _set_train_mode(member, freeze_bn)
-        total, correct, seen, labelled = 0.0, 0, 0, 0
-        for batch in loader:
-            x, y, target, kind = _batch(batch, device)
-            share = _shares(y, mask_class)
-            with distributed.autocast(device, amp, amp_dtype):
-                loss, logits = _step_loss(member, x, y, target, kind, cfg, cam, mask_class, share)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            distributed.average_gradients(member.parameters())
-            scaler.step(opt)
-            scaler.update()
-            total += float(loss.detach()) * len(y) / share[0]
-            correct += int(((logits.argmax(1) == y) & (y >= 0)).sum())
-            seen += len(y)
-            labelled += int((y >= 0).sum())
-        sched.step()
-        total, correct, seen, labelled = distributed.all_reduce_sum(
-            [total, correct, seen, labelled], device
-        )
-        distributed.broadcast_module(member)  # keeps ranks bit-identical (e.g. per-rank BN)
-        row = {"epoch": epoch + 1, "loss": total / seen, "acc": correct / max(labelled, 1)}
-        if distributed.is_main():  # one rank validates; all take its numbers and decisions
-            if val_ds is not None and len(val_ds):
-                row["val_loss"], row["val_acc"] = _evaluate_loss(
-                    member, val_ds, device, cfg.batch_size
-                )
-            if select == "localization" and calib:
-                row["val_pxap"] = _localization_score(member, calib, device)
-        row = distributed.broadcast_object(row)
-        if "val_loss" in row:
-            key = (row["val_loss"], -row["val_acc"])
-        else:
-            key = (row["loss"], -row["acc"])
-        if "val_pxap" in row:
-            key = (-row["val_pxap"], *key)
-        if select == "last":
-            key = (-float(epoch),)
-        history.append(row)
-        bar.set_postfix({k: f"{v:.3f}" for k, v in row.items() if k != "epoch"})
-        if key < best:
-            best, stale, best_epoch = key, 0, epoch + 1
-            best_state = copy.deepcopy(member.state_dict())
-        else:
-            stale += 1
-            if stale >= cfg.patience:
-                log.info("%s: early stop at epoch %d", member.name, epoch + 1)
-                break
+    # Channels-last convolutions for the banked top (contiguous again on leaving: saved and
+    # served weights keep the usual layout).
+    with channels_last(member) if banked else contextlib.nullcontext():
+        for epoch in bar:
+            timer = time.perf_counter()
+            _set_train_mode(member, freeze_bn)
+            total, correct, seen, labelled = 0.0, 0, 0, 0
+            for inputs, y, target, kind in source.epoch():
+                share = _shares(y, mask_class)
+                with distributed.autocast(device, amp, amp_dtype):
+                    features = source.features(inputs)
+                    loss, logits = _step_loss(
+                        member, features, y, target, kind, cfg, cam, mask_class, share,
+                        x=None if banked else inputs,
+                    )  # fmt: skip
+                opt.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                distributed.average_gradients(member.parameters())
+                scaler.step(opt)
+                scaler.update()
+                total += float(loss.detach()) * len(y) / share[0]
+                correct += int(((logits.argmax(1) == y) & (y >= 0)).sum())
+                seen += len(y)
+                labelled += int((y >= 0).sum())
+            sched.step()
+            total, correct, seen, labelled = distributed.all_reduce_sum(
+                [total, correct, seen, labelled], device
+            )
+            distributed.broadcast_module(member)  # keeps ranks bit-identical (e.g. per-rank BN)
+            seconds["epochs"] += time.perf_counter() - timer
+            timer = time.perf_counter()
+            row = {"epoch": epoch + 1, "loss": total / seen, "acc": correct / max(labelled, 1)}
+            if distributed.is_main():  # one rank validates; all take its numbers and decisions
+                if banked and val_bank is not None:
+                    row["val_loss"], row["val_acc"] = _evaluate_bank(
+                        member, val_bank, cfg.batch_size
+                    )
+                elif val_ds is not None and len(val_ds):
+                    row["val_loss"], row["val_acc"] = _evaluate_loss(
+                        member, val_ds, device, cfg.batch_size
+                    )
+                if select == "localization" and calib:
+                    row["val_pxap"] = _localization_score(member, calib, device)
+            row = distributed.broadcast_object(row)
+            seconds["validation"] += time.perf_counter() - timer
+            if "val_loss" in row:
+                key = (row["val_loss"], -row["val_acc"])
+            else:
+                key = (row["loss"], -row["acc"])
+            if "val_pxap" in row:
+                key = (-row["val_pxap"], *key)
+            if select == "last":
+                key = (-float(epoch),)
+            history.append(row)
+            bar.set_postfix({k: f"{v:.3f}" for k, v in row.items() if k != "epoch"})
+            if key < best:
+                best, stale, best_epoch = key, 0, epoch + 1
+                best_state = copy.deepcopy(member.state_dict())
+            else:
+                stale += 1
+                if stale >= cfg.patience:
+                    log.info("%s: early stop at epoch %d", member.name, epoch + 1)
+                    break
     unsync_bn()
     member.load_state_dict(best_state)
     member.eval()
-    return {"history": history, "best_epoch": best_epoch, "select": select}
+    return {
+        "history": history,
+        "best_epoch": best_epoch,
+        "select": select,
+        "trainer": "feature bank" if banked else "whole backbone",
+        "feature_views": source.bank.views if banked else None,
+        "seconds": seconds,
+    }
 
 
 @torch.no_grad()

@@ -55,10 +55,11 @@ class TrainingSettings:
     minmax: bool = False  # TRAIN_MINMAX=1: train the min-max entropy localizer as mask head
     decoder: bool = True  # TRAIN_DECODER=0: no full-resolution decoder (masks from CAMs)
     decoder_epochs: int = 60  # TRAIN_DECODER_EPOCHS
-    # TRAIN_FINE_TUNE_EPOCHS: classifier epochs of a job that fine-tunes the serving version
-    # (same members, classes and options); it already holds what the full schedule taught.
-    # 0: the full TRAIN_EPOCHS.
+    # TRAIN_FINE_TUNE_EPOCHS / TRAIN_FINE_TUNE_DECODER_EPOCHS: classifier and decoder epochs of
+    # a job that fine-tunes the serving version (same members, classes and options): it already
+    # holds what the full schedule taught. 0: the full TRAIN_EPOCHS / TRAIN_DECODER_EPOCHS.
     fine_tune_epochs: int = 6
+    fine_tune_decoder_epochs: int = 20
     unlabelled: int = 50  # TRAIN_UNLABELLED: unannotated tasks used through pseudo-masks
     tolerance: float = 2.0  # PROMOTE_TOLERANCE: points a new version may lose and still win
 
@@ -79,6 +80,9 @@ class TrainingSettings:
             decoder=e("TRAIN_DECODER", "1").strip().lower() in ("1", "true", "yes", "on"),
             decoder_epochs=int(e("TRAIN_DECODER_EPOCHS", str(cls.decoder_epochs))),
             fine_tune_epochs=int(e("TRAIN_FINE_TUNE_EPOCHS", str(cls.fine_tune_epochs))),
+            fine_tune_decoder_epochs=int(
+                e("TRAIN_FINE_TUNE_DECODER_EPOCHS", str(cls.fine_tune_decoder_epochs))
+            ),
             unlabelled=int(e("TRAIN_UNLABELLED", str(cls.unlabelled))),
             tolerance=float(e("PROMOTE_TOLERANCE", str(cls.tolerance))),
         )
@@ -128,6 +132,16 @@ def job_configs(
     return ens_cfg, cfg
 
 
+def fine_tune_schedule(cfg: TrainConfig, train: TrainingSettings) -> TrainConfig:
+    """The shorter schedule of a job that fine-tunes a compatible serving version."""
+    epochs, decoder = cfg.epochs, cfg.decoder_epochs
+    if train.fine_tune_epochs > 0:
+        epochs = min(epochs, train.fine_tune_epochs)
+    if train.fine_tune_decoder_epochs > 0:
+        decoder = min(decoder, train.fine_tune_decoder_epochs)
+    return replace(cfg, epochs=epochs, decoder_epochs=decoder)
+
+
 def train_from_project(
     settings: Settings, project_id: int, train: TrainingSettings
 ) -> tuple[str, bool, str | None]:
@@ -169,8 +183,8 @@ def train_from_project(
         schema = parse_label_config(project["label_config"])
         masked = [c for c in dataset.classes if c in schema.brush_labels] or None
         ens_cfg, cfg = job_configs(dataset.classes, masked, train, settings)
-        if compatible(previous, ens_cfg) and train.fine_tune_epochs > 0:
-            cfg = replace(cfg, epochs=min(cfg.epochs, train.fine_tune_epochs))
+        if compatible(previous, ens_cfg):
+            cfg = fine_tune_schedule(cfg, train)
         ensemble, metrics = train_ensemble(dataset, ens_cfg, cfg, init=previous)
         metrics["fine_tuned_from"] = current if metrics["fine_tuned"] else None
         metrics["source"] = {"project": project_id, **counts}

@@ -29,6 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import loadavg, machine  # noqa: E402
 
+from backend import jobs  # noqa: E402
 from backend.jobs import TrainingSettings, job_configs  # noqa: E402
 from backend.settings import Settings  # noqa: E402
 from wsl_models import training  # noqa: E402
@@ -58,9 +59,11 @@ def job(root: Path, previous, train: TrainingSettings, settings: Settings):
     """The training part of ``train_from_project``: configs, fine-tuning, promotion scores."""
     ds = load_dataset(root)
     ens_cfg, cfg = job_configs(ds.classes, None, train, settings)
-    cap = getattr(train, "fine_tune_epochs", 0)
-    if previous is not None and training.compatible(previous, ens_cfg) and cap > 0:
-        cfg = replace(cfg, epochs=min(cfg.epochs, cap))
+    if previous is not None and training.compatible(previous, ens_cfg):
+        if hasattr(jobs, "fine_tune_schedule"):
+            cfg = jobs.fine_tune_schedule(cfg, train)
+        elif getattr(train, "fine_tune_epochs", 0) > 0:  # the first version of the change
+            cfg = replace(cfg, epochs=min(cfg.epochs, train.fine_tune_epochs))
     t0 = time.perf_counter()
     ensemble, metrics = train_ensemble(ds, ens_cfg, cfg, init=previous)
     trained = time.perf_counter() - t0

@@ -207,16 +207,18 @@ def main() -> None:
         "loadavg_before": loadavg(),
         "runs": [],
     }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     if args.anatomy:
         result["anatomy"] = anatomy(args.data, ["efficientnet_lite0", "efficientnet_lite1",
                                                 "efficientnet_lite2"], 224)  # fmt: skip
+        out.write_text(json.dumps(result, indent=2))
     for i, seed in enumerate(int(s) for s in args.seeds.split(",")):
         keep = Path(args.keep) if args.keep and i == 0 else None
         run = train_once(args.data, seed, extra, keep)
         result["runs"].append(run)
         print(json.dumps(run), flush=True)
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2))
+        out.write_text(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

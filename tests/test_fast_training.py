@@ -149,3 +149,18 @@ def test_decoder_schedule_caps_steps_not_small_sets():
     assert decoder_epochs(cfg, 10_000) == 1
     assert decoder_epochs(TrainConfig(decoder_steps=0), 313) == 60
     assert decoder_epochs(TrainConfig(decoder_epochs=8), 313) == 8
+
+
+def test_a_job_fine_tuning_the_serving_version_runs_the_short_schedule(monkeypatch):
+    from backend.jobs import TrainingSettings, fine_tune_schedule
+
+    cfg = TrainConfig(epochs=20, decoder_epochs=60)
+    short = fine_tune_schedule(cfg, TrainingSettings())
+    assert (short.epochs, short.decoder_epochs) == (6, 20)
+    monkeypatch.setenv("TRAIN_FINE_TUNE_EPOCHS", "0")
+    monkeypatch.setenv("TRAIN_FINE_TUNE_DECODER_EPOCHS", "40")
+    full = fine_tune_schedule(cfg, TrainingSettings.from_env())
+    assert (full.epochs, full.decoder_epochs) == (20, 40)
+    # Never longer than the full schedule.
+    few = fine_tune_schedule(TrainConfig(epochs=3, decoder_epochs=10), TrainingSettings())
+    assert (few.epochs, few.decoder_epochs) == (3, 10)

@@ -71,9 +71,31 @@ def anatomy_rows(folder: Path) -> list[str]:
     return rows
 
 
+def retrain_rows(folder: Path) -> list[str]:
+    rows = [
+        "| trainer | first job s | retraining job s | classifier epochs | decoder epochs "
+        "| decoder s | hold-out PxAP / Dice fg: previous -> new (1 mask) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for path in sorted(folder.glob("*.json")):
+        r = json.loads(path.read_text())
+        if "retrain_job_seconds" not in r:
+            continue
+        t, old, new = r["retrain"], r["retrain"]["holdout_previous"], r["retrain"]["holdout_new"]
+        rows.append(
+            f"| {r['label']} | {r['first_job_seconds']['total']:.0f} "
+            f"| {r['retrain_job_seconds']['total']:.0f} | {t['epochs']} | {t['decoder_epochs']} "
+            f"| {t['decoder_seconds']:.0f} | {old['pxap']:.1f} / {old['dice_fg']:.1f} -> "
+            f"{new['pxap']:.1f} / {new['dice_fg']:.1f} |"
+        )
+    return rows
+
+
 def main(folder: str = "bench/results/train_time") -> None:
     root = Path(folder)
     print("\n".join(train_rows(root)))
+    print()
+    print("\n".join(retrain_rows(root)))
     print()
     print("\n".join(anatomy_rows(root)))
 

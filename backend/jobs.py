@@ -24,7 +24,7 @@ from huey import SqliteHuey
 from wsl_models.data import load_dataset
 from wsl_models.ensemble import EnsembleConfig
 from wsl_models.images import parse_size
-from wsl_models.members import LITE_TRIO
+from wsl_models.members import LITE_TRIO, member_spec
 from wsl_models.promotion import Tolerance, holdout_scores, promote
 from wsl_models.training import TrainConfig, compatible, train_ensemble
 
@@ -132,8 +132,18 @@ def job_configs(
     return ens_cfg, cfg
 
 
-def fine_tune_schedule(cfg: TrainConfig, train: TrainingSettings) -> TrainConfig:
-    """The shorter schedule of a job that fine-tunes a compatible serving version."""
+def fine_tune_schedule(
+    cfg: TrainConfig, train: TrainingSettings, members: Sequence[str]
+) -> TrainConfig:
+    """The shorter schedule of a job that fine-tunes a compatible serving version.
+
+    Only for members that train on the feature bank (pretrained backbones with a trunk/top
+    split), where it was measured (bench/retrain_time.py). A member trained from scratch (the
+    tiny test member) is far from converged after one job: it keeps the full schedule
+    (measured in the end-to-end test: 6 + 20 epochs took the pre-annotation IoU from >= 0.5
+    to 0.13)."""
+    if any(member_spec(m).split is None for m in members):
+        return cfg
     epochs, decoder = cfg.epochs, cfg.decoder_epochs
     if train.fine_tune_epochs > 0:
         epochs = min(epochs, train.fine_tune_epochs)
@@ -184,7 +194,7 @@ def train_from_project(
         masked = [c for c in dataset.classes if c in schema.brush_labels] or None
         ens_cfg, cfg = job_configs(dataset.classes, masked, train, settings)
         if compatible(previous, ens_cfg):
-            cfg = fine_tune_schedule(cfg, train)
+            cfg = fine_tune_schedule(cfg, train, ens_cfg.members)
         ensemble, metrics = train_ensemble(dataset, ens_cfg, cfg, init=previous)
         metrics["fine_tuned_from"] = current if metrics["fine_tuned"] else None
         metrics["source"] = {"project": project_id, **counts}

@@ -61,7 +61,7 @@ def job(root: Path, previous, train: TrainingSettings, settings: Settings):
     ens_cfg, cfg = job_configs(ds.classes, None, train, settings)
     if previous is not None and training.compatible(previous, ens_cfg):
         if hasattr(jobs, "fine_tune_schedule"):
-            cfg = jobs.fine_tune_schedule(cfg, train)
+            cfg = jobs.fine_tune_schedule(cfg, train, ens_cfg.members)
         elif getattr(train, "fine_tune_epochs", 0) > 0:  # the first version of the change
             cfg = replace(cfg, epochs=min(cfg.epochs, train.fine_tune_epochs))
     t0 = time.perf_counter()

@@ -187,7 +187,7 @@ def anatomy(data: str, members: list[str], size: int, batch: int = 16) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--data", default="../shared/data/glas")
-    p.add_argument("--seeds", default="0,1")
+    p.add_argument("--seeds", default="0,1", help="empty: --anatomy only")
     p.add_argument("--mask-classes", default="")
     p.add_argument("--label", default="now")
     p.add_argument("--anatomy", action="store_true")
@@ -213,7 +213,7 @@ def main() -> None:
         result["anatomy"] = anatomy(args.data, ["efficientnet_lite0", "efficientnet_lite1",
                                                 "efficientnet_lite2"], 224)  # fmt: skip
         out.write_text(json.dumps(result, indent=2))
-    for i, seed in enumerate(int(s) for s in args.seeds.split(",")):
+    for i, seed in enumerate(int(s) for s in args.seeds.split(",") if s.strip()):
         keep = Path(args.keep) if args.keep and i == 0 else None
         run = train_once(args.data, seed, extra, keep)
         result["runs"].append(run)

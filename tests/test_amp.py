@@ -94,10 +94,14 @@ def test_loss_under_autocast_keeps_pixel_losses_in_float32(synth_dir):
     target = torch.stack([train_ds[i][2] for i in range(len(train_ds))])
     kind = torch.tensor(train_ds.kinds)
     cfg = TrainConfig(minmax=True)
-    args = (member, x, y, target, kind, cfg, XGradCAM(), torch.ones(2, dtype=torch.bool))
-    full, _ = _step_loss(*args)
+    args = (y, target, kind, cfg, XGradCAM(), torch.ones(2, dtype=torch.bool))
+
+    def step():  # the trainer's step: features, then the loss from them (x for min-max)
+        return _step_loss(member, member.feature_map(x), *args, x=x)
+
+    full, _ = step()
     with distributed.autocast(CPU, True, torch.bfloat16):
-        half, logits = _step_loss(*args)
+        half, logits = step()
     assert logits.dtype == torch.bfloat16
     assert half.dtype == torch.float32
     assert float(half.detach()) == pytest.approx(float(full.detach()), rel=0.05)

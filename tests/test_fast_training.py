@@ -155,12 +155,16 @@ def test_a_job_fine_tuning_the_serving_version_runs_the_short_schedule(monkeypat
     from backend.jobs import TrainingSettings, fine_tune_schedule
 
     cfg = TrainConfig(epochs=20, decoder_epochs=60)
-    short = fine_tune_schedule(cfg, TrainingSettings())
+    lite = TrainingSettings().members.split(",")
+    short = fine_tune_schedule(cfg, TrainingSettings(), lite)
     assert (short.epochs, short.decoder_epochs) == (6, 20)
+    # Members trained from scratch (no feature bank) keep the full schedule.
+    tiny = fine_tune_schedule(cfg, TrainingSettings(), ["tiny", "tiny"])
+    assert (tiny.epochs, tiny.decoder_epochs) == (20, 60)
     monkeypatch.setenv("TRAIN_FINE_TUNE_EPOCHS", "0")
     monkeypatch.setenv("TRAIN_FINE_TUNE_DECODER_EPOCHS", "40")
-    full = fine_tune_schedule(cfg, TrainingSettings.from_env())
+    full = fine_tune_schedule(cfg, TrainingSettings.from_env(), lite)
     assert (full.epochs, full.decoder_epochs) == (20, 40)
     # Never longer than the full schedule.
-    few = fine_tune_schedule(TrainConfig(epochs=3, decoder_epochs=10), TrainingSettings())
+    few = fine_tune_schedule(TrainConfig(epochs=3, decoder_epochs=10), TrainingSettings(), lite)
     assert (few.epochs, few.decoder_epochs) == (3, 10)

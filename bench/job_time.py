@@ -29,7 +29,11 @@ from wsl_models.data import load_dataset
 from wsl_models.training import train_ensemble
 
 
-def write_tasks(data: Path, out: Path, labelled: int, masks: int, unlabelled: int) -> None:
+def write_tasks(
+    data: Path, out: Path, labelled: int, masks: int, unlabelled: int, masked=None
+) -> None:
+    """``masked``: indices of the labelled images that get a mask (default the first ``masks``)."""
+    masked = set(range(masks)) if masked is None else set(masked)
     ds = load_dataset(data)
     train = ds.split("train")
     (out / "images").mkdir(parents=True)
@@ -38,7 +42,7 @@ def write_tasks(data: Path, out: Path, labelled: int, masks: int, unlabelled: in
     for i, s in enumerate(train[: labelled + unlabelled]):
         (out / "images" / s.name).symlink_to(s.image.resolve())
         annotated = i < labelled
-        if annotated and i < masks and s.mask is not None:
+        if annotated and i in masked and s.mask is not None:
             (out / "masks" / s.name).symlink_to(s.mask.resolve())
         rows.append({"image": s.name, "label": s.label if annotated else "", "split": "train"})
     with (out / "labels.csv").open("w", newline="") as fh:

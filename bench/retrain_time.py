@@ -18,7 +18,6 @@ Like ``bench/train_time.py`` it runs an older checkout first on PYTHONPATH; run 
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import sys
 import tempfile
@@ -28,6 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import loadavg, machine  # noqa: E402
+from job_time import write_tasks  # noqa: E402
 
 from backend import jobs  # noqa: E402
 from backend.jobs import TrainingSettings, job_configs  # noqa: E402
@@ -36,23 +36,6 @@ from wsl_models import training  # noqa: E402
 from wsl_models.data import load_dataset  # noqa: E402
 from wsl_models.promotion import holdout_scores  # noqa: E402
 from wsl_models.training import train_ensemble  # noqa: E402
-
-
-def write_tasks(data: Path, out: Path, labelled: int, masked: set[int], unlabelled: int) -> None:
-    train = load_dataset(data).split("train")
-    (out / "images").mkdir(parents=True)
-    (out / "masks").mkdir()
-    rows = []
-    for i, s in enumerate(train[: labelled + unlabelled]):
-        (out / "images" / s.name).symlink_to(s.image.resolve())
-        annotated = i < labelled
-        if annotated and i in masked and s.mask is not None:
-            (out / "masks" / s.name).symlink_to(s.mask.resolve())
-        rows.append({"image": s.name, "label": s.label if annotated else "", "split": "train"})
-    with (out / "labels.csv").open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=["image", "label", "split"])
-        writer.writeheader()
-        writer.writerows(rows)
 
 
 def job(root: Path, previous, train: TrainingSettings, settings: Settings):
@@ -90,10 +73,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         first, second = Path(tmp) / "first", Path(tmp) / "second"
         masked = set(range(args.masks))
-        write_tasks(Path(args.data), first, args.labelled, masked, args.unlabelled)
+        write_tasks(Path(args.data), first, args.labelled, 0, args.unlabelled, masked)
         new = set(range(args.labelled, args.labelled + args.new))
-        write_tasks(Path(args.data), second, args.labelled + args.new, masked | new,
-                    args.unlabelled)  # fmt: skip
+        write_tasks(Path(args.data), second, args.labelled + args.new, 0, args.unlabelled,
+                    masked | new)  # fmt: skip
         base, m1, t1, _, _ = job(first, None, train, settings)
         print("first job", json.dumps(t1), flush=True)
         _, m2, t2, new_scores, old_scores = job(second, base, train, settings)

@@ -2,28 +2,40 @@
 
     # how often the CAM seeds are right, on the training images (not the test split):
     python bench/decoder_diagnostics.py seeds --model MODEL_DIR --cams xgradcam,gradcam++,cam
-    # retrain only the decoders of a saved model with other TrainConfig values, survey PxAP:
+    # retrain only the decoders of a saved model with other TrainConfig values:
     python bench/decoder_diagnostics.py retrain --model MODEL_DIR decoder_affinity_weight=0
+    # the ceilings: seeds from the true train masks, or as imprecise as the CAM's at random
+    # positions (57 % / 61 % right):
+    python bench/decoder_diagnostics.py retrain --model MODEL_DIR --ceiling truth
+    python bench/decoder_diagnostics.py retrain --model MODEL_DIR --ceiling 0.57,0.61
 
-MODEL_DIR: a model trained on GlaS with a decoder (e.g. bench/localization.py --models DIR
-writes DIR/lite_224). ``retrain`` scores on the test split: a diagnostic, not a way to choose
-defaults.
+MODEL_DIR: a model trained on GlaS with a decoder (``bench/train_time.py --keep DIR``).
+``retrain`` prints two scores: PxAP of the decoders' consensus on the pixel-labelled held-out
+train images (the ones that choose the epoch: what defaults are chosen on) and survey PxAP on
+the test split (a diagnostic, never a way to choose defaults). Append ``--json FILE`` to add a
+row to a results file.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
+import time
+from pathlib import Path
 
 import numpy as np
 import torch
 
+from wsl_models import decoder_training
+from wsl_models.calibration import calibration_samples, mask_thresholds
 from wsl_models.cam import cam_method, resize_maps
 from wsl_models.data import ImageDataset, load_dataset, load_masks, stratified_holdout
 from wsl_models.decoder import FPNDecoder
 from wsl_models.decoder_training import plan_targets, train_decoders
 from wsl_models.evaluation import evaluate
 from wsl_models.masks import resize_mask
+from wsl_models.supervision import IGNORE
 from wsl_models.train_config import TrainConfig
 from wsl_models.versions import ModelStore
 
@@ -77,6 +89,30 @@ def seeds(args: argparse.Namespace) -> None:
             print(method, mode, " | ".join(row))
 
 
+class TruthSeeds:
+    """The ceiling drawer: 16 + 16 seeds from the true masks, each foreground seed on a gland
+    with probability ``p_fg`` (else off one), each background seed off glands with ``p_bg``."""
+
+    def __init__(self, truths: list[np.ndarray], cfg: TrainConfig, p_fg: float, p_bg: float, seed):
+        self.truths, self.cfg, self.p = truths, cfg, (p_fg, p_bg)
+        self.rng = np.random.default_rng(seed)
+
+    def draw(self, idx: np.ndarray) -> np.ndarray:
+        out = np.full((len(idx), *self.truths[0].shape), IGNORE, np.uint8)
+        for row, i in enumerate(idx):
+            t = self.truths[i]
+            for value, n, p, inside in ((1, self.cfg.decoder_seed_fg, self.p[0], t),
+                                        (0, self.cfg.decoder_seed_bg, self.p[1], ~t)):  # fmt: skip
+                right = self.rng.binomial(n, p)
+                for region, k in ((inside, right), (~inside, n - right)):
+                    pix = np.flatnonzero(region)
+                    if len(pix) and k:
+                        out[row].flat[
+                            self.rng.choice(pix, size=min(k, len(pix)), replace=False)
+                        ] = value
+        return out
+
+
 def retrain(args: argparse.Namespace) -> None:
     ens = ModelStore(args.model).load()
     ds = load_dataset(args.data)
@@ -86,23 +122,52 @@ def retrain(args: argparse.Namespace) -> None:
         key, raw = item.split("=", 1)
         cur = getattr(base, key)
         values[key] = (
-            tuple(type(cur[0])(v) for v in raw.split(","))
+            tuple(float(v) for v in raw.split(","))
             if isinstance(cur, tuple)
+            else (raw or None)
+            if cur is None or isinstance(cur, str)
             else type(cur)(raw)
         )
     cfg = dataclasses.replace(base, **values)
-    train_s, _ = stratified_holdout(ds.split("train"), cfg.val_fraction, cfg.seed)
+    train_s, held = stratified_holdout(ds.split("train"), cfg.val_fraction, cfg.seed)
+    calib = calibration_samples(held, cfg.calibration_images, ens.config.mask_classes)
+    if args.ceiling:
+        p_fg, p_bg = (1.0, 1.0) if args.ceiling == "truth" else map(float, args.ceiling.split(","))
+        masks = load_masks(train_s)
+
+        def drawer(plan, grid, rcfg, seed):
+            return TruthSeeds([resize_mask(m, grid) for m in masks], rcfg, p_fg, p_bg, seed)
+
+        decoder_training.SeedDrawer = drawer
+        values["ceiling"] = args.ceiling
     torch.manual_seed(0)
     for m in ens.members:
         m.decoder = FPNDecoder([lateral.in_channels for lateral in m.decoder.lateral])
-    report = train_decoders(ens, train_s, [None] * len(train_s), cfg, torch.device("cpu"))
-    r = evaluate(ens, ds, "test", progress=False, protocol="survey", sources=["decoder"])
-    loc = r["by_source"]["decoder"]
-    print(
-        values,
-        f"decoders {report['seconds']:.0f} s",
-        {k: round(v["pxap"], 1) for k, v in loc.items()},
-    )
+    t0 = time.perf_counter()
+    report = train_decoders(ens, train_s, [None] * len(train_s), cfg, torch.device("cpu"), calib)
+    seconds = time.perf_counter() - t0
+    held_pxap = mask_thresholds(ens, calib, cfg.seed)["pxap"] if calib else {}
+    r = evaluate(ens, ds, "test", progress=False, protocol="survey", sources=["decoder", "cam"])
+    row = {
+        "settings": values,
+        "decoder_seconds": round(seconds, 1),
+        "held_out_pxap": {k: round(v, 1) for k, v in held_pxap.items()},
+        "test_survey_pxap": {
+            src: {k: round(v["pxap"], 1) for k, v in r["by_source"][src].items()}
+            for src in ("decoder", "cam")
+        },
+        "dice_fg_bg": [
+            round(r["by_source"]["decoder"]["intersection"][k], 1) for k in ("dice_fg", "dice_bg")
+        ],  # fmt: skip
+        "selected_epochs": {
+            k: v.get("selected_epoch") for k, v in report.items() if isinstance(v, dict)
+        },  # fmt: skip
+    }
+    print(json.dumps(row), flush=True)
+    if args.json:
+        path = Path(args.json)
+        rows = json.loads(path.read_text()) if path.exists() else []
+        path.write_text(json.dumps([*rows, row], indent=2))
 
 
 def main() -> None:
@@ -111,6 +176,8 @@ def main() -> None:
     p.add_argument("--model", required=True)
     p.add_argument("--data", default="../shared/data/glas")
     p.add_argument("--cams", default="xgradcam,gradcam++,cam")
+    p.add_argument("--ceiling", default="", help="retrain: 'truth' or 'P_FG,P_BG' seeds")
+    p.add_argument("--json", default="", help="retrain: append the row to this JSON list")
     p.add_argument("settings", nargs="*", help="retrain: TrainConfig field=value ...")
     args = p.parse_intermixed_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))

@@ -14,6 +14,7 @@ import torch
 from .data import ImageDataset, Sample, load_masks
 from .ensemble import Ensemble
 from .masks import calibrate_threshold
+from .metrics import pxap
 
 
 def calibration_samples(held: list[Sample], n: int, mask_classes: list[str] | None) -> list[Sample]:
@@ -92,16 +93,42 @@ def mask_thresholds(ensemble: Ensemble, calib: list[Sample], seed: int) -> dict[
         "images": [s.name for s in calib],
         "thresholds": {src: {n: t for n, (t, _) in f.items()} for src, f in found.items()},
         "miou": {src: {n: m for n, (_, m) in f.items()} for src, f in found.items()},
+        # PxAP of each source's consensus (the intersection map) at native size.
+        "pxap": {src: pxap(by_key["_min"], truths) for src, by_key in maps.items()},
+    }
+
+
+def choose_map_source(ensemble: Ensemble, pxaps: dict[str, float]) -> dict[str, Any]:
+    """Serve the decoder only where its consensus scores at least the CAM's PxAP on the
+    pixel-labelled held-out images: a decoder that learned its seeds' mistakes never serves.
+    Only demotes: a CAM chosen by the user stays."""
+    conf = ensemble.config
+    before = conf.map_source
+    if before == "decoder" and {"decoder", "cam"} <= pxaps.keys():
+        conf.map_source = "decoder" if pxaps["decoder"] >= pxaps["cam"] else "cam"
+    return {
+        "map_source": conf.map_source,
+        "was": before,
+        "why": f"held-out PxAP decoder {pxaps.get('decoder', float('nan')):.1f}, "
+        f"cam {pxaps.get('cam', float('nan')):.1f}",
     }
 
 
 def calibrate(
-    ensemble: Ensemble, val_ds: ImageDataset, calib: list[Sample], seed: int, quantile: float
+    ensemble: Ensemble,
+    val_ds: ImageDataset,
+    calib: list[Sample],
+    seed: int,
+    quantile: float,
+    map_source: bool = False,
 ) -> dict[str, Any]:
-    """Set review and mask thresholds from held-out data; returns what was measured."""
+    """Set review and mask thresholds from held-out data and, with ``map_source``, choose
+    between the decoder and the CAM (``choose_map_source``); returns what was measured."""
     report: dict[str, Any] = {}
     if len(val_ds):
         report.update(review_threshold(ensemble, val_ds, seed, quantile))
     if calib:
         report["calibration"] = mask_thresholds(ensemble, calib, seed)
+        if map_source and ensemble.config.decoder:
+            report["map_source"] = choose_map_source(ensemble, report["calibration"]["pxap"])
     return report

@@ -86,6 +86,31 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         help="where pre-annotations come from (default: decoder, else cam)",
     )
     t.add_argument("--decoder-epochs", type=int, default=TrainConfig.decoder_epochs)
+    t.add_argument(
+        "--output-stride",
+        type=int,
+        default=32,
+        choices=[32, 16, 8],
+        help="members' output stride: 16 or 8 train the last stage(s) without their stride "
+        "(finer CAMs, slower)",
+    )
+    t.add_argument(
+        "--seeding",
+        default=TrainConfig.decoder_seeding,
+        choices=["probability", "region"],
+        help="how decoder seeds are drawn from the seed CAMs",
+    )
+    t.add_argument(
+        "--seed-scales",
+        default=",".join(f"{v:g}" for v in TrainConfig.decoder_seed_scales),
+        help="seed CAMs from the image at these multiples of the input size, averaged",
+    )
+    t.add_argument(
+        "--decoder-select",
+        default=TrainConfig.decoder_select,
+        choices=["localization", "last"],
+        help="decoder epoch: best PxAP on pixel-labelled held-out images, or the last",
+    )
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("evaluate", help="accuracy, PxAP, Dice/IoU on a pixel-labelled split")
@@ -144,9 +169,13 @@ def _train(args: argparse.Namespace) -> int:
         localizer=args.minmax,
         decoder=args.decoder,
         map_source=args.map_source,
+        output_stride=args.output_stride,
     )
     cfg = TrainConfig(
         decoder_epochs=args.decoder_epochs,
+        decoder_seeding=args.seeding,
+        decoder_seed_scales=tuple(float(v) for v in args.seed_scales.split(",") if v),
+        decoder_select=args.decoder_select,
         train_masks=args.train_masks,
         mask_weight=args.mask_weight,
         minmax=args.minmax,

@@ -4,20 +4,25 @@ The NEGEV / F-CAM recipe (``shared/notes/decoder-from-cam-seeds.md``), shaped fo
 
 1. Classifiers frozen: one forward per member and image gives the CAMs (seeds) and the taps
    (decoder input), cached once; the decoder then trains on the cache, flipped at random.
-2. Seeds, re-drawn every epoch: confident foreground where the consensus (min over the members
-   that classify the image right) is above its Otsu threshold, eroded; confident background
-   among the lowest values of their max. Partial binary cross-entropy on the seeds only.
+2. Seeds (``seeds.py``), fresh every step, from seed CAMs computed on the image at 2x the
+   model's input (finer cells than the 7x7 CAM): foreground pixels drawn with probability
+   proportional to the consensus (min over the members that classify the image right),
+   background ones to 1 - their max (NEGEV's probability seeding; uniform sampling inside the
+   Otsu region / the lowest pixels stays an option). Partial binary cross-entropy on the seeds.
 3. A pairwise colour-affinity term (a local CRF relaxation: neighbours of similar colour get the
    same label) lets the few seeds spread along the image's own edges; an area prior keeps the
    foreground of a positive image neither empty nor everything.
 4. Negative evidence: images of classes that get no mask are all background.
 5. Human masks get the full pixel loss; once there are some, the other images of mask classes
    get pseudo-masks from the decoder's own confident regions (uncertain band ignored).
+6. Selection (the Survey's B-LOC): with pixel-labelled held-out images, each decoder keeps the
+   epoch with the best PxAP on them; without any, the last epoch.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import time
 from collections.abc import Sequence
@@ -26,49 +31,21 @@ from typing import Any
 
 import numpy as np
 import torch
-from scipy import ndimage
 from torch.nn import functional as F
 
-from .cam import resize_maps
-from .data import ImageDataset, Sample
+from .cam import cam_method, resize_maps
+from .data import ImageDataset, Sample, load_masks
 from .ensemble import Ensemble
-from .masks import otsu_threshold
+from .masks import resize_mask
 from .members import Member, channels_last
-from .supervision import IGNORE, pseudo_target
-from .train_config import TrainConfig
+from .metrics import pxap
+from .seeds import multiscale_cams, probability_seeds, sample_seeds, seed_regions
+from .supervision import IGNORE, default_cam, pseudo_target
+from .train_config import TrainConfig, recipe
+
+__all__ = ["sample_seeds", "seed_regions", "train_decoders"]  # seed helpers re-exported
 
 # ---------------------------------------------------------------- pure functions
-
-
-def seed_regions(
-    fg_map: np.ndarray, bg_map: np.ndarray, erode: int, bg_fraction: float
-) -> tuple[np.ndarray, np.ndarray]:
-    """Where seeds may be drawn: (confident foreground, confident background), disjoint.
-
-    Foreground: ``fg_map`` above its Otsu threshold, eroded ``erode`` times (kept un-eroded
-    when erosion would empty it). Background: the ``bg_fraction`` lowest pixels of ``bg_map``.
-    A constant map gives no foreground.
-    """
-    t = otsu_threshold(fg_map)
-    fg = fg_map > t
-    if erode > 0 and fg.any():
-        eroded = ndimage.binary_erosion(fg, iterations=erode)
-        fg = eroded if eroded.any() else fg
-    cut = np.quantile(bg_map, bg_fraction) if bg_fraction > 0 else -np.inf
-    bg = (bg_map <= cut) & ~fg
-    return fg, bg
-
-
-def sample_seeds(
-    fg: np.ndarray, bg: np.ndarray, n_fg: int, n_bg: int, rng: np.random.Generator
-) -> np.ndarray:
-    """A uint8 target: ``n_fg`` pixels of ``fg`` = 1, ``n_bg`` of ``bg`` = 0, the rest IGNORE."""
-    out = np.full(fg.shape, IGNORE, np.uint8)
-    for region, n, value in ((fg, n_fg, 1), (bg, n_bg, 0)):
-        idx = np.flatnonzero(region)
-        if len(idx) and n > 0:
-            out.flat[rng.choice(idx, size=min(n, len(idx)), replace=False)] = value
-    return out
 
 
 def _pairs(t: torch.Tensor, dy: int, dx: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -133,28 +110,71 @@ def masked_bce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 class DecoderTargets:
     """What each image teaches, the same for every member's decoder."""
 
-    cams: list[torch.Tensor | None]  # (A, h, w) the agreeing members' CAMs; None: no seeds
+    cams: list[torch.Tensor | None]  # (A, h, w) the agreeing members' seed CAMs; None: no seeds
     negative: list[bool]  # a class without masks: all background
     human: list[torch.Tensor | None]  # (H, W) uint8 at the model's input size
     wanted: list[bool]  # a mask class (seeds, area prior, pseudo-masks apply)
 
+    def seed_maps(self, grid: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(fg, bg, seeded) on a decoder grid: per image the min (foreground) and max
+        (background) of the agreeing members' seed CAMs, (N, h, w); and which images have any."""
+        n = len(self.cams)
+        fg = np.zeros((n, *grid), np.float32)
+        bg = np.ones((n, *grid), np.float32)
+        seeded = np.array([c is not None for c in self.cams], bool)
+        for i, cams in enumerate(self.cams):
+            if cams is not None:
+                up = resize_maps(cams, grid).clamp(0, 1).numpy()
+                fg[i], bg[i] = up.min(0), up.max(0)
+        return fg, bg, seeded
+
     def seed_regions(
         self, grid: tuple[int, int], cfg: TrainConfig
     ) -> list[tuple[np.ndarray, np.ndarray] | None]:
-        """Per image, where seeds may be drawn on a decoder grid: the min (foreground) and max
-        (background) of the agreeing members' CAMs resized to it."""
-        out: list[tuple[np.ndarray, np.ndarray] | None] = []
-        for cams in self.cams:
-            if cams is None:
-                out.append(None)
-                continue
-            up = resize_maps(cams, grid).clamp(0, 1).numpy()
-            out.append(
-                seed_regions(
-                    up.min(0), up.max(0), cfg.decoder_seed_erode, cfg.decoder_seed_bg_fraction
-                )
+        """Per image, where region seeds may be drawn on a decoder grid (``seeds.seed_regions``
+        of the consensus min and max)."""
+        fg, bg, seeded = self.seed_maps(grid)
+        return [
+            seed_regions(f, b, cfg.decoder_seed_erode, cfg.decoder_seed_bg_fraction) if s else None
+            for f, b, s in zip(fg, bg, seeded, strict=True)
+        ]
+
+
+class SeedDrawer:
+    """Fresh seeds for a batch of images on one decoder grid (``cfg.decoder_seeding``)."""
+
+    def __init__(
+        self, plan: DecoderTargets, grid: tuple[int, int], cfg: TrainConfig, seed: int
+    ) -> None:
+        if cfg.decoder_seeding not in ("probability", "region"):
+            raise ValueError(
+                f"decoder_seeding must be 'probability' or 'region', not {cfg.decoder_seeding!r}"
             )
+        self.cfg, self.grid = cfg, grid
+        self.rng = np.random.default_rng(seed)
+        self.fg, self.bg, self.seeded = plan.seed_maps(grid)
+        self.regions = plan.seed_regions(grid, cfg) if cfg.decoder_seeding == "region" else None
+
+    def draw(self, idx: np.ndarray) -> np.ndarray:
+        """(B, h, w) uint8 targets for images ``idx``; IGNORE everywhere on unseeded ones."""
+        cfg = self.cfg
+        if self.regions is not None:
+            blank = np.full(self.grid, IGNORE, np.uint8)
+            return np.stack([
+                blank if self.regions[i] is None
+                else sample_seeds(*self.regions[i], cfg.decoder_seed_fg, cfg.decoder_seed_bg, self.rng)
+                for i in idx
+            ])  # fmt: skip
+        out = probability_seeds(
+            self.fg[idx], self.bg[idx], cfg.decoder_seed_fg, cfg.decoder_seed_bg, self.rng
+        )
+        out[~self.seeded[idx]] = IGNORE
         return out
+
+
+def seed_cam_method(ensemble: Ensemble, cfg: TrainConfig):
+    """The closed-form CAM the seeds come from: ``cfg.decoder_seed_cam`` or the ensemble's."""
+    return default_cam(cam_method(cfg.decoder_seed_cam) if cfg.decoder_seed_cam else ensemble.cam)
 
 
 def plan_targets(
@@ -167,35 +187,77 @@ def plan_targets(
     """Images at input size, and what each one teaches.
 
     Seeds come from the consensus of the members whose class agrees with the image's label
-    (all members where none does), from the CAM source: the decoder learns from CAMs only.
+    (all members where none does), from seed CAMs (``seeds.multiscale_cams`` at
+    ``cfg.decoder_seed_scales``): the decoder learns from CAMs only.
     """
     conf = ensemble.config
     ds = ImageDataset(samples, conf.classes, conf.image_size)
     images = torch.stack([ds[i][0] for i in range(len(ds))])
     wanted_classes = set(conf.mask_classes or conf.classes)
-    plan = DecoderTargets([], [], [], [])
+    labels, agree = [], []
     with contextlib.ExitStack() as layout:  # channels-last forwards, as in cache_taps
         for member in ensemble.members:
             layout.enter_context(channels_last(member))
-        outs = [
-            ensemble.predict(images[s : s + batch_size], seed=cfg.seed)
-            for s in range(0, len(ds), batch_size)
-        ]
-    for start, out in zip(range(0, len(ds), batch_size), outs, strict=True):
-        member_class = out.member_probs.argmax(-1)  # (M, B)
-        for b in range(len(out.label)):
-            i = start + b
-            label = ds.labels[i] if ds.labels[i] >= 0 else int(out.label[b])
-            wanted = conf.classes[label] in wanted_classes
-            agree = (member_class[:, b] == label).nonzero().flatten().tolist() or list(
-                range(len(ensemble.members))
-            )
-            seeded = wanted and human[i] is None
-            plan.cams.append(ensemble.source_maps(out, b, label, "cam")[agree] if seeded else None)
-            plan.negative.append(not wanted and ds.labels[i] >= 0)
-            plan.wanted.append(wanted)
-            plan.human.append(None if human[i] is None else torch.from_numpy(human[i]))
+        for start in range(0, len(ds), batch_size):
+            out = ensemble.predict(images[start : start + batch_size], seed=cfg.seed)
+            member_class = out.member_probs.argmax(-1)  # (M, B)
+            for b in range(len(out.label)):
+                i = start + b
+                label = ds.labels[i] if ds.labels[i] >= 0 else int(out.label[b])
+                labels.append(label)
+                agree.append(
+                    (member_class[:, b] == label).nonzero().flatten().tolist()
+                    or list(range(len(ensemble.members)))
+                )
+        wanted = [conf.classes[c] in wanted_classes for c in labels]
+        seeded = [i for i in range(len(ds)) if wanted[i] and human[i] is None]
+        cam = seed_cam_method(ensemble, cfg)
+        by_member = (
+            [
+                multiscale_cams(
+                    member,
+                    images[seeded],
+                    None if conf.map_mode == "max" else [labels[i] for i in seeded],
+                    cam,
+                    cfg.decoder_seed_scales,
+                )
+                for member in ensemble.members
+            ]
+            if seeded
+            else []
+        )
+    cams: list[torch.Tensor | None] = [None] * len(ds)
+    for row, i in enumerate(seeded):
+        cams[i] = torch.stack([by_member[k][row] for k in agree[i]])
+    plan = DecoderTargets(
+        cams,
+        [not w and ds.labels[i] >= 0 for i, w in enumerate(wanted)],
+        [None if h is None else torch.from_numpy(h) for h in human],
+        wanted,
+    )
     return images, plan
+
+
+@dataclass
+class HeldOut:
+    """Pixel-labelled held-out images that choose each decoder's epoch (the Survey's B-LOC)."""
+
+    images: torch.Tensor  # (N, 3, H, W) at the model's input size
+    truths: list[np.ndarray]  # (H, W) bool at the same size
+
+    @classmethod
+    def of(cls, ensemble: Ensemble, samples: Sequence[Sample]) -> HeldOut | None:
+        if not samples:
+            return None
+        size = tuple(ensemble.config.image_size)
+        ds = ImageDataset(samples, ensemble.config.classes, size)
+        truths = [resize_mask(m, size) for m in load_masks(samples)]
+        return cls(torch.stack([ds[i][0] for i in range(len(ds))]), truths)
+
+    def score(self, probs: torch.Tensor) -> float:
+        """PxAP of (N, 1, h, w) decoder probabilities upsampled to the masks' size."""
+        up = resize_maps(probs[:, 0].cpu(), self.truths[0].shape).clamp(0, 1).numpy()
+        return pxap(list(up), self.truths)
 
 
 # ---------------------------------------------------------------- training
@@ -251,12 +313,14 @@ def train_decoder(
     taps: list[torch.Tensor],
     images: torch.Tensor,
     plan: DecoderTargets,
-    regions: list[tuple[np.ndarray, np.ndarray] | None],
+    seeds: SeedDrawer,
     cfg: TrainConfig,
     seed: int,
+    held: tuple[HeldOut, list[torch.Tensor]] | None = None,
 ) -> dict[str, Any]:
     """Train ``member.decoder`` in place on cached taps; the classifier is never touched.
-    ``regions``: ``plan.seed_regions`` on this decoder's grid (that of its finest tap)."""
+    ``seeds``: a drawer on this decoder's grid (that of its finest tap). ``held``: held-out
+    images and their taps; the epoch with the best PxAP on them is kept (ties: the later)."""
     device = taps[0].device
     n = len(images)
     grid = tuple(taps[0].shape[-2:])
@@ -266,7 +330,6 @@ def train_decoder(
     epochs = decoder_epochs(cfg, n)
     opt = torch.optim.Adam(decoder.parameters(), lr=cfg.decoder_lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(epochs, 1))
-    rng = np.random.default_rng(seed)
     gen = torch.Generator().manual_seed(seed)
     negative = torch.tensor(plan.negative, device=device)
     wanted = torch.tensor(plan.wanted, device=device)
@@ -275,18 +338,10 @@ def train_decoder(
     human = torch.stack([blank if h is None else h for h in plan.human]).to(device)
     use_pseudo = bool(has_human.any()) and cfg.decoder_pseudo_weight > 0
     pseudo_from = int(cfg.decoder_pseudo_start * epochs)
+    select = held is not None and cfg.decoder_select == "localization"
+    best: tuple[float, int, dict[str, torch.Tensor]] | None = None
     history = []
     for epoch in range(epochs):
-        seeds = torch.from_numpy(
-            np.stack(
-                [
-                    sample_seeds(*region, cfg.decoder_seed_fg, cfg.decoder_seed_bg, rng)
-                    if region is not None
-                    else np.full(grid, IGNORE, np.uint8)
-                    for region in regions
-                ]
-            )
-        ).to(device)
         pseudo = None
         if use_pseudo and epoch >= pseudo_from:
             probs = decoder_probs(member, taps)[:, 0].cpu().numpy()
@@ -295,10 +350,11 @@ def train_decoder(
         decoder.train()
         total, steps = 0.0, 0
         for idx in torch.randperm(n, generator=gen).split(cfg.decoder_batch_size):
+            seed_t = torch.from_numpy(seeds.draw(idx.numpy())).to(device)  # fresh every step
             idx = idx.to(device)
             dims = [d for d, p in ((-1, 0.5), (-2, 0.5)) if torch.rand(1, generator=gen) < p]
             batch_taps = _flip([t[idx] for t in taps], dims)
-            seed_t, hum = _flip([seeds[idx], human[idx]], dims)
+            seed_t, hum = _flip([seed_t, human[idx]], dims)
             logits = decoder(batch_taps)
             probs = torch.sigmoid(logits)
             loss = cfg.decoder_seed_weight * masked_bce(logits[:, 0], seed_t)
@@ -328,10 +384,23 @@ def train_decoder(
             total += float(loss.detach())
             steps += 1
         sched.step()
-        history.append({"epoch": epoch + 1, "loss": total / max(steps, 1)})
+        row: dict[str, Any] = {"epoch": epoch + 1, "loss": total / max(steps, 1)}
+        if select:
+            row["held_out_pxap"] = held[0].score(decoder_probs(member, held[1]))
+            if best is None or row["held_out_pxap"] >= best[0]:
+                best = (row["held_out_pxap"], epoch + 1, copy.deepcopy(decoder.state_dict()))
+        history.append(row)
+    if best is not None:
+        decoder.load_state_dict(best[2])
     decoder.eval()
-    return {"epochs": epochs, "final_loss": history[-1]["loss"] if history else None,
-            "history": history}  # fmt: skip
+    return {
+        "epochs": epochs,
+        "selected_epoch": best[1] if best is not None else epochs,
+        "select": "localization" if best is not None else "last",
+        "held_out_pxap": best[0] if best is not None else None,
+        "final_loss": history[-1]["loss"] if history else None,
+        "history": history,
+    }
 
 
 def train_decoders(
@@ -340,28 +409,69 @@ def train_decoders(
     human: Sequence[np.ndarray | None],
     cfg: TrainConfig,
     device: torch.device,
+    held_out: Sequence[Sample] = (),
 ) -> dict[str, Any]:
     """Train every member's decoder after its classifier; ``human``: one target or None per
-    sample (uint8 0/1/IGNORE at the input size, e.g. the annotators' masks)."""
+    sample (uint8 0/1/IGNORE at the input size, e.g. the annotators' masks). ``held_out``:
+    pixel-labelled images that choose each decoder's epoch (``cfg.decoder_select``)."""
     if cfg.decoder_epochs <= 0:
         return {"skipped": "decoder_epochs is 0"}
+    if cfg.decoder_select not in ("localization", "last"):
+        raise ValueError(
+            f"decoder_select must be 'localization' or 'last', not {cfg.decoder_select!r}"
+        )
+    if not cfg.decoder_seed_scales or min(cfg.decoder_seed_scales) <= 0:
+        raise ValueError(f"decoder_seed_scales must be positive, got {cfg.decoder_seed_scales}")
     start = time.perf_counter()
-    images, plan = plan_targets(ensemble, samples, human, cfg)
+    held = HeldOut.of(ensemble, held_out) if cfg.decoder_select == "localization" else None
+    # Other recipes only where held-out masks can tell them apart.
+    others = {text: recipe(cfg, text) for text in cfg.decoder_recipes}  # validated either way
+    recipes = {"default": cfg, **(others if held is not None else {})}
+    plans: dict[tuple, tuple[torch.Tensor, DecoderTargets]] = {}  # by what the seeds depend on
+
+    def plan_for(rcfg: TrainConfig) -> tuple[torch.Tensor, DecoderTargets]:
+        key = (rcfg.decoder_seed_scales, rcfg.decoder_seed_cam)
+        if key not in plans:
+            plans[key] = plan_targets(ensemble, samples, human, rcfg)
+        return plans[key]
+
+    images, plan = plan_for(cfg)
     report: dict[str, Any] = {
         "images": len(samples),
         "seeded": sum(c is not None for c in plan.cams),
         "negative": sum(plan.negative),
         "human_masks": sum(h is not None for h in plan.human),
+        "seeding": cfg.decoder_seeding,
+        "seed_scales": list(cfg.decoder_seed_scales),
+        "held_out_images": [s.name for s in held_out] if held is not None else [],
     }
-    regions: dict[tuple[int, ...], list] = {}  # by decoder grid: members mostly share one
     for k, member in enumerate(ensemble.members):
         taps = cache_taps(member, images, device)
         grid = tuple(taps[0].shape[-2:])
-        if grid not in regions:
-            regions[grid] = plan.seed_regions(grid, cfg)
-        report[ensemble.config.member_keys[k]] = train_decoder(
-            member, taps, images, plan, regions[grid], cfg, cfg.seed + 1000 + k
-        )
-        del taps
+        held_taps = (held, cache_taps(member, held.images, device)) if held is not None else None
+        fresh = copy.deepcopy(member.decoder.state_dict())
+        best: tuple[float, str, dict[str, Any], dict[str, torch.Tensor]] | None = None
+        scores: dict[str, float | None] = {}
+        for name, rcfg in recipes.items():
+            member.decoder.load_state_dict(fresh)
+            _, rplan = plan_for(rcfg)
+            seeds = SeedDrawer(rplan, grid, rcfg, cfg.seed + 2000 + k)
+            rep = train_decoder(
+                member, taps, images, rplan, seeds, rcfg, cfg.seed + 1000 + k, held_taps
+            )
+            score = rep["held_out_pxap"]
+            scores[name] = score
+            better = best is None or (score is not None and score > best[0])
+            if better:
+                state = copy.deepcopy(member.decoder.state_dict()) if len(recipes) > 1 else {}
+                best = (score if score is not None else -math.inf, name, rep, state)
+        if len(recipes) > 1:
+            member.decoder.load_state_dict(best[3])
+        report[ensemble.config.member_keys[k]] = {
+            **best[2],
+            "recipe": best[1],
+            "recipe_held_out_pxap": scores,
+        }
+        del taps, held_taps
     report["seconds"] = time.perf_counter() - start
     return report

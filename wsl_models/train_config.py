@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from dataclasses import dataclass
 
@@ -31,7 +32,9 @@ class TrainConfig:
     freeze_trunk: bool | None = None
     feature_views: int = 4  # augmented views per image in the bank (1 without augmentation)
     feature_bank_mb: float = 2048  # per member; fewer views are cached beyond it
-    calibration_images: int = 6
+    # Pixel-labelled held-out images (of mask classes) that set the mask thresholds, choose
+    # each decoder's epoch and whether the decoder or the CAM serves (the Survey's valpx).
+    calibration_images: int = 12
     review_quantile: float = 0.9
     # Checkpoint selection: "loss" (validation loss), "localization" (PxAP of the member's
     # CAM on the pixel-labelled calibration images: the Survey's B-LOC rule), "last" (the final
@@ -60,9 +63,25 @@ class TrainConfig:
     # GPU has no bfloat16), "on" (CUDA only), "off". Nothing changes on CPU.
     amp: str = "auto"
     # The decoder (decoder_training.py), trained after the classifiers with them frozen, on
-    # cached taps. Seeds: per image and epoch, decoder_seed_fg pixels drawn where the agreeing
-    # members' consensus CAM (min) is above its Otsu threshold (eroded decoder_seed_erode
-    # cells), decoder_seed_bg pixels among the decoder_seed_bg_fraction lowest of their max.
+    # cached taps. Seeds (seeds.py), fresh every step, from seed CAMs computed on the image at
+    # decoder_seed_scales x the input size (2: a 14x14 CAM where the model sees 7x7; several
+    # scales are averaged) with decoder_seed_cam (None: the ensemble's CAM method).
+    # decoder_seeding "probability": decoder_seed_fg pixels drawn with probability ~ the
+    # agreeing members' consensus (min), decoder_seed_bg ~ 1 - their max (NEGEV). "region":
+    # uniformly where the consensus is above its Otsu threshold (eroded decoder_seed_erode
+    # cells) / among the decoder_seed_bg_fraction lowest of their max.
+    decoder_seeding: str = "probability"
+    decoder_seed_scales: tuple[float, ...] = (2.0,)
+    decoder_seed_cam: str | None = None
+    # "localization": each decoder keeps the epoch with the best PxAP on the pixel-labelled
+    # held-out images (the last epoch when there are none); "last": always the last epoch.
+    decoder_select: str = "localization"
+    # Other recipes each decoder also trains when there are pixel-labelled held-out images;
+    # the one with the best held-out PxAP is kept and recorded. Each is "field=value;..." of
+    # decoder_* fields, e.g. "decoder_affinity_weight=1;decoder_seed_scales=1,2".
+    decoder_recipes: tuple[str, ...] = ()
+    # Serve the decoder only where its consensus scores at least its CAM's on those images.
+    choose_map_source: bool = True
     decoder_epochs: int = 60
     # At most this many optimizer steps per decoder (0: no cap): 60 epochs of GlaS's 72 images
     # (decoder_training.decoder_epochs).
@@ -90,6 +109,28 @@ class TrainConfig:
     decoder_mask_weight: float = 1.0
     decoder_pseudo_weight: float = 0.3
     decoder_pseudo_start: float = 0.5
+
+
+def recipe(cfg: TrainConfig, text: str) -> TrainConfig:
+    """``cfg`` with a decoder recipe's overrides: "field=value;field=value", decoder_* fields
+    only; tuple fields take comma-separated values."""
+    values: dict[str, object] = {}
+    for item in (part.strip() for part in text.split(";")):
+        if not item:
+            continue
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key.startswith("decoder_") or not hasattr(cfg, key):
+            raise ValueError(f"a decoder recipe sets decoder_* fields as field=value, not {item!r}")
+        current = getattr(cfg, key)
+        if isinstance(current, tuple):
+            kind = type(current[0]) if current else float
+            values[key] = tuple(kind(v) for v in raw.split(",") if v.strip())
+        elif current is None or isinstance(current, str):
+            values[key] = raw.strip() or None
+        else:
+            values[key] = type(current)(raw)
+    return dataclasses.replace(cfg, **values)
 
 
 def resolve_device(name: str) -> torch.device:

@@ -523,9 +523,11 @@ def train_ensemble(
     # Under torchrun only rank 0 trains the decoders and calibrates: the others' ensembles
     # are never saved.
     if ens_cfg.decoder and distributed.is_main():
-        decoders = train_decoders(ensemble, train_s, human, cfg, resolve_device(cfg.device))
+        decoders = train_decoders(
+            ensemble, train_s, human, cfg, resolve_device(cfg.device), held_out=calib
+        )
     measured = (
-        calibrate(ensemble, val_ds, calib, cfg.seed, cfg.review_quantile)
+        calibrate(ensemble, val_ds, calib, cfg.seed, cfg.review_quantile, cfg.choose_map_source)
         if distributed.is_main()
         else {}
     )

@@ -1,0 +1,171 @@
+"""Decoder seeds and selection: probability seeding follows the map, seed CAMs at a larger
+input are finer, held-out masks choose the epoch, the recipe and the served map source."""
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+from wsl_models.cam import XGradCAM, normalize_maps
+from wsl_models.data import load_dataset
+from wsl_models.ensemble import Ensemble, EnsembleConfig
+from wsl_models.members import build_member
+from wsl_models.seeds import multiscale_cams, probability_seeds, seed_cams
+from wsl_models.supervision import IGNORE
+from wsl_models.synthetic import make_dataset
+from wsl_models.train_config import recipe
+from wsl_models.training import TrainConfig, train_ensemble
+
+SIZE = 96
+
+
+def _two_level(h: int = 8, w: int = 8, high: float = 0.8, low: float = 0.2) -> np.ndarray:
+    m = np.full((h, w), low)
+    m[:, : w // 2] = high
+    return m
+
+
+def test_probability_seeds_follow_the_map_chi_square():
+    rng = np.random.default_rng(0)
+    draws = 4000
+    m = np.broadcast_to(_two_level(), (draws, 8, 8)).copy()
+    fg_only = probability_seeds(m, m, n_fg=1, n_bg=0, rng=rng)
+    left, right = (fg_only[:, :, :4] == 1).sum(), (fg_only[:, :, 4:] == 1).sum()
+    assert left + right == draws  # one seed per image, never a background one
+    # Foreground seeds ~ map: 0.8 vs 0.2 over equal halves.
+    assert stats.chisquare([left, right], [0.8 * draws, 0.2 * draws]).pvalue > 1e-3
+    bg_only = probability_seeds(m, m, n_fg=0, n_bg=1, rng=rng)
+    left, right = (bg_only[:, :, :4] == 0).sum(), (bg_only[:, :, 4:] == 0).sum()
+    assert left + right == draws
+    # Background seeds ~ 1 - map: 0.2 vs 0.8.
+    assert stats.chisquare([left, right], [0.2 * draws, 0.8 * draws]).pvalue > 1e-3
+    # And a uniform drawer would have failed the same test.
+    assert stats.chisquare([draws // 2, draws // 2], [0.2 * draws, 0.8 * draws]).pvalue < 1e-6
+
+
+def test_probability_seeds_are_fresh_inside_the_image_and_never_on_ignored_pixels():
+    rng = np.random.default_rng(1)
+    m = np.random.default_rng(2).random((50, 12, 10))
+    valid = np.ones((12, 10), bool)
+    valid[:, :3] = False  # e.g. padding
+    t = probability_seeds(m, m, 6, 6, rng, valid=valid)
+    assert t.shape == m.shape and t.dtype == np.uint8
+    assert set(np.unique(t)) <= {0, 1, IGNORE}
+    assert (t[:, :, :3] == IGNORE).all()
+    per_image = (t != IGNORE).reshape(50, -1).sum(1)
+    assert (per_image <= 12).all() and (per_image >= 6).all()  # collisions drop, never add
+    assert ((t == 1).reshape(50, -1).sum(1) <= 6).all()
+    again = probability_seeds(m, m, 6, 6, rng, valid=valid)
+    assert not np.array_equal(t, again)  # fresh every draw
+    # Fewer valid pixels than seeds asked: only the valid ones are drawn.
+    one = np.zeros((12, 10), bool)
+    one[4, 4] = True
+    few = probability_seeds(m[:3], m[:3], 20, 0, rng, valid=one)
+    assert ((few == 1).reshape(3, -1).sum(1) == 1).all() and (few[:, 4, 4] == 1).all()
+
+
+def test_seed_cams_at_twice_the_input_are_twice_as_fine_and_at_1x_the_served_cam():
+    torch.manual_seed(0)
+    member = build_member("tiny", 2)
+    x = torch.rand(3, 3, SIZE, SIZE)
+    labels = [0, 1, 1]
+    cam = XGradCAM()
+    at1, at2 = seed_cams(member, x, labels, cam, 1.0), seed_cams(member, x, labels, cam, 2.0)
+    assert at2.shape[-2:] == tuple(2 * s for s in at1.shape[-2:])
+    served = normalize_maps(cam.from_features(member.feature_map(x), member.head.weight))
+    assert torch.allclose(at1, served[torch.arange(3), torch.tensor(labels)], atol=1e-6)
+    assert float(at2.min()) == 0.0 and float(at2.max()) == 1.0
+    both = multiscale_cams(member, x, labels, cam, (1.0, 2.0))
+    assert both.shape == at2.shape
+    # labels None: the max over classes (map_mode "max"), normalised again.
+    assert torch.allclose(
+        seed_cams(member, x, None, cam, 1.0),
+        normalize_maps(cam.from_features(member.feature_map(x), member.head.weight).amax(1)),
+        atol=1e-6,
+    )
+
+
+def test_a_recipe_sets_decoder_fields_only():
+    cfg = TrainConfig()
+    r = recipe(cfg, "decoder_affinity_weight=1; decoder_seed_scales=1,2;decoder_seeding=region")
+    assert r.decoder_affinity_weight == 1.0 and r.decoder_seed_scales == (1.0, 2.0)
+    assert r.decoder_seeding == "region" and cfg.decoder_seeding == "probability"
+    for bad in ("epochs=3", "decoder_nope=1", "decoder_lr"):
+        with pytest.raises(ValueError, match="decoder_"):
+            recipe(cfg, bad)
+
+
+@pytest.fixture(scope="module")
+def disks(tmp_path_factory):
+    root = tmp_path_factory.mktemp("disks")
+    return load_dataset(make_dataset(root, {"train": 24, "test": 4}, (SIZE, SIZE), 0, "disks"))
+
+
+def _train(disks, **values):
+    cfg = EnsembleConfig(list(disks.classes), ["tiny"], (SIZE, SIZE), mask_classes=["lesion"])
+    tcfg = TrainConfig(
+        epochs=12, lr=3e-3, weights="none", progress=False, decoder_epochs=8, **values
+    )
+    return train_ensemble(disks, cfg, tcfg)
+
+
+def test_held_out_masks_choose_the_decoder_epoch_and_the_recipe(disks):
+    # The default recipe cannot learn (lr 0); the other one can: the trainer must pick it.
+    ensemble, metrics = _train(disks, decoder_lr=0.0, decoder_recipes=("decoder_lr=0.003",))
+    rep = metrics["decoders"]["0-tiny"]
+    assert metrics["decoders"]["held_out_images"]  # held-out lesion images with masks
+    assert rep["recipe"] == "decoder_lr=0.003"
+    scores = rep["recipe_held_out_pxap"]
+    assert scores["decoder_lr=0.003"] > scores["default"]
+    # The kept epoch is the best on the held-out masks (ties: the later).
+    curve = [row["held_out_pxap"] for row in rep["history"]]
+    assert rep["select"] == "localization" and rep["held_out_pxap"] == max(curve)
+    assert rep["selected_epoch"] == max(i + 1 for i, v in enumerate(curve) if v == max(curve))
+    # ... and what is served is that epoch: its score again from the saved decoder.
+    assert metrics["map_source"]["map_source"] in ("decoder", "cam")
+
+
+def test_a_decoder_below_its_cam_on_held_out_masks_never_serves(disks):
+    # A decoder that never trains (lr 0) scores below the CAM: the version serves the CAM.
+    ensemble, metrics = _train(disks, decoder_lr=0.0)
+    choice = metrics["map_source"]
+    pxaps = metrics["calibration"]["pxap"]
+    assert pxaps["decoder"] < pxaps["cam"]
+    assert (
+        choice["map_source"] == "cam" == ensemble.config.map_source and choice["was"] == "decoder"
+    )
+    assert "decoder" in choice["why"] and "cam" in choice["why"]
+    # Switched off, the decoder stays the source (and the numbers are still recorded).
+    ensemble2, metrics2 = _train(disks, decoder_lr=0.0, choose_map_source=False)
+    assert ensemble2.config.map_source == "decoder" and "map_source" not in metrics2
+
+
+def test_without_held_out_masks_the_last_epoch_and_the_default_recipe_stay(disks, tmp_path):
+    import shutil
+
+    root = tmp_path / "nomasks"
+    shutil.copytree(disks.root, root)
+    shutil.rmtree(root / "masks")
+    ds = load_dataset(root)
+    cfg = EnsembleConfig(list(ds.classes), ["tiny"], (SIZE, SIZE), mask_classes=["lesion"])
+    tcfg = TrainConfig(
+        epochs=2,
+        weights="none",
+        progress=False,
+        decoder_epochs=3,
+        decoder_recipes=("decoder_lr=0",),
+    )
+    ensemble, metrics = train_ensemble(ds, cfg, tcfg)
+    rep = metrics["decoders"]["0-tiny"]
+    assert rep["select"] == "last" and rep["selected_epoch"] == 3 and rep["recipe"] == "default"
+    assert list(rep["recipe_held_out_pxap"]) == ["default"]  # no time spent on others
+    assert ensemble.config.map_source == "decoder" and "map_source" not in metrics
+
+
+def test_region_seeding_is_still_an_option(disks):
+    ensemble, metrics = _train(disks, decoder_seeding="region", decoder_seed_scales=(1.0,))
+    assert metrics["decoders"]["seeding"] == "region"
+    assert metrics["decoders"]["seed_scales"] == [1.0]
+    with pytest.raises(ValueError, match="decoder_seeding"):
+        _train(disks, decoder_seeding="uniform")
+    assert isinstance(ensemble, Ensemble)

@@ -14,6 +14,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from wsl_models.clicks import click_radius, click_target, save_points
+
 from .fetch import FetchError, ImageFetcher
 from .label_config import parse_label_config
 from .rle import rle_to_mask
@@ -50,6 +52,34 @@ def annotated_labels(tasks: list[dict], label_config: str, review_label: str = "
     return {_image_label(_results(task, review_label), schema) for task in tasks} - {""}
 
 
+# KeyPointLabels labels that mark background (a negative click); any other keypoint label is
+# a positive click unless the result says ``is_positive: false`` (Alt-click of a smart tool).
+NEGATIVE_POINT_LABELS = frozenset({"background", "negative"})
+
+
+def clicks_of(results: list[dict], size: tuple[int, int]) -> list[tuple[float, float, bool]]:
+    """(x, y, positive) in pixels of the image as displayed (W, H = ``size``) of every
+    keypoint result; points outside the image are dropped."""
+    w, h = size
+    clicks = []
+    for r in results:
+        value = r.get("value") if isinstance(r, dict) else None
+        if r.get("type") != "keypointlabels" or not isinstance(value, dict):
+            continue
+        x, y = value.get("x"), value.get("y")
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (x, y)):
+            continue
+        px, py = x * w / 100, y * h / 100
+        if not (0 <= px < w and 0 <= py < h):
+            continue
+        names = value.get("keypointlabels") or []
+        negative = r.get("is_positive") is False or any(
+            isinstance(n, str) and n.lower() in NEGATIVE_POINT_LABELS for n in names
+        )
+        clicks.append((float(px), float(py), not negative))
+    return clicks
+
+
 def _brush_labels(result: Any) -> list:
     value = result.get("value") if isinstance(result, dict) else None
     return (value.get("brushlabels") or []) if isinstance(value, dict) else []
@@ -69,16 +99,18 @@ def collect_dataset(
     submitted along with the mask) are not part of any mask or label.
 
     Per task whatever exists: the image label (Choices, or the single brush label used), a
-    human mask (union of the BrushLabels regions), or neither for ``unlabelled`` tasks (they
-    teach through pseudo-masks). Annotated tasks with neither, and tasks whose image fails,
-    are skipped and counted.
+    human mask (union of the BrushLabels regions), clicks (KeyPointLabels results, written as
+    ``points/``: sparse pixel labels, ``wsl_models.clicks``), or none of them for
+    ``unlabelled`` tasks (they teach through pseudo-masks). Annotated tasks with nothing, and
+    tasks whose image fails, are skipped and counted.
     """
     schema = parse_label_config(label_config)
     (out / "images").mkdir(parents=True, exist_ok=True)
     (out / "masks").mkdir(parents=True, exist_ok=True)
+    (out / "points").mkdir(parents=True, exist_ok=True)
     rows = []
-    counts = {"tasks": len(tasks), "used": 0, "labelled": 0, "masks": 0, "unlabelled": 0,
-              "skipped": 0}  # fmt: skip
+    counts = {"tasks": len(tasks), "used": 0, "labelled": 0, "masks": 0, "clicked": 0,
+              "unlabelled": 0, "skipped": 0}  # fmt: skip
     work = [(t, True) for t in tasks] + [(t, False) for t in unlabelled or []]
     for task, annotated in work:
         results = _results(task, review_label) if annotated else []
@@ -86,7 +118,8 @@ def collect_dataset(
         brush = [
             r for r in results if r.get("type") == "brushlabels" and r.get("value", {}).get("rle")
         ]
-        if annotated and not label and not brush:
+        points = [r for r in results if r.get("type") == "keypointlabels"]
+        if annotated and not label and not brush and not points:
             counts["skipped"] += 1
             continue
         try:
@@ -103,6 +136,11 @@ def collect_dataset(
         if mask.any():
             Image.fromarray(mask.astype(np.uint8) * 255).save(out / "masks" / name)
             counts["masks"] += 1
+        clicks = clicks_of(points, image.size)
+        if clicks:
+            shape = (image.height, image.width)
+            save_points(click_target(clicks, shape, click_radius(shape)), out / "points" / name)
+            counts["clicked"] += 1
         rows.append({"image": name, "label": label, "split": "train"})
         counts["used"] += 1
         counts["labelled" if label else "unlabelled"] += 1

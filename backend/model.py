@@ -100,7 +100,7 @@ class CamLabelModel:
             else:
                 images.append((i, image))
         if images:
-            size = self.ensemble.config.image_size
+            size = self.ensemble.config.input_size
             x = torch.stack([to_tensor(img, size) for _, img in images])
             outputs = self.engine.predict(self.ensemble, x)
             for (i, img), out in zip(images, outputs, strict=True):
@@ -144,7 +144,7 @@ class CamLabelModel:
                 raise PromptError(f"the label {prompt.label!r} is not a BrushLabels label of "
                                   f"this project ({', '.join(schema.brush_labels) or 'none'})")  # fmt: skip
             cfg = ensemble.config
-            x = to_tensor(image, cfg.image_size)[None]
+            x = to_tensor(image, cfg.input_size)[None]
             (out,) = self.engine.predict(ensemble, x, samples=0)
             width, height = image.size
             masks, prob = None, None

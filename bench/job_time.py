@@ -77,6 +77,7 @@ def main() -> None:
                 details[name] = {
                     "human_masks": metrics["human_masks"],
                     "decoder_seconds": metrics.get("decoders", {}).get("seconds"),
+                    "segmentation_seconds": metrics.get("segmentation", {}).get("seconds"),
                 }
                 print(name, f"{times[name][-1]:.0f} s", flush=True)
     med = {k: statistics.median(v) for k, v in times.items()}

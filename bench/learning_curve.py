@@ -17,17 +17,20 @@ import argparse
 import dataclasses
 import json
 import logging
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from scipy import ndimage
 
 from wsl_models.acquisition import acquisition
+from wsl_models.clicks import click_radius, click_target, save_points, simulated_clicks
 from wsl_models.data import Dataset, ImageDataset, load_dataset, stratified_holdout
 from wsl_models.ensemble import Ensemble, EnsembleConfig
 from wsl_models.evaluation import evaluate
-from wsl_models.images import parse_size
+from wsl_models.images import open_image, open_mask, parse_size, to_tensor
 from wsl_models.training import TrainConfig, train_ensemble
 
 OUT = Path(__file__).parent / "results" / "learning_curve"
@@ -47,13 +50,46 @@ def scores(ens: Ensemble, samples: list, strategy: str, seed: int) -> np.ndarray
     return torch.cat(values).numpy()
 
 
-def reveal(ds: Dataset, revealed: set[str]) -> Dataset:
-    """The dataset as the annotators have it: train masks only where revealed."""
-    samples = tuple(
-        s if s.split.startswith("test") or s.name in revealed else dataclasses.replace(s, mask=None)
-        for s in ds.samples
-    )
-    return Dataset(ds.root, ds.classes, samples)
+def reveal(ds: Dataset, revealed: set[str], clicked: dict[str, Path] | None = None) -> Dataset:
+    """The dataset as the annotators have it: train masks only where revealed; for the
+    ``clicked`` images their clicks (a points file) instead of the mask."""
+    clicked = clicked or {}
+
+    def seen(s):
+        if s.split.startswith("test"):
+            return s
+        if s.name in clicked:
+            return dataclasses.replace(s, mask=None, points=clicked[s.name])
+        return s if s.name in revealed else dataclasses.replace(s, mask=None)
+
+    return Dataset(ds.root, ds.classes, tuple(seen(s) for s in ds.samples))
+
+
+def click(ens: Ensemble, samples: list, k: int, folder: Path) -> tuple[dict[str, Path], int]:
+    """A simulated annotator's k positive + k negative clicks on each image, placed on the
+    errors of ``ens``'s current mask (clicks.simulated_clicks); written as points files."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths, total = {}, 0
+    for s in samples:
+        image = open_image(s.image)
+        truth = open_mask(s.mask, image.size)
+        out = ens.predict(to_tensor(image, ens.config.input_size)[None], seed=0)
+        res = ens.masks(out, 0, truth.shape, label=ens.config.classes.index(s.label))
+        mask = res.mask if res.mask is not None else np.zeros_like(truth)
+        radius = click_radius(truth.shape)
+        clicks = simulated_clicks(mask, truth, k, radius)
+        save_points(click_target(clicks, truth.shape, radius), folder / s.name)
+        paths[s.name], total = folder / s.name, total + len(clicks)
+    return paths, total
+
+
+def traced_pixels(samples: list) -> int:
+    """Boundary pixels of the samples' masks: what tracing them by hand would follow."""
+    total = 0
+    for s in samples:
+        m = open_mask(s.mask)
+        total += int((m & ~ndimage.binary_erosion(m)).sum())
+    return total
 
 
 def measure_all(ens: Ensemble, ds: Dataset) -> dict[str, dict[str, float]]:
@@ -82,14 +118,34 @@ def _train_config(args: argparse.Namespace, epochs: int, **options: object) -> T
         calibration_images=0,
         progress=False,
         seed=args.seed,
-        **options,
+        **{**options, **_overrides(args.set)},
     )
+
+
+def _overrides(items: list[str]) -> dict[str, object]:
+    """``--set field=value``: TrainConfig overrides (numbers, or comma-separated tuples)."""
+    defaults = TrainConfig()
+    out: dict[str, object] = {}
+    for item in items:
+        key, _, raw = item.partition("=")
+        current = getattr(defaults, key)  # AttributeError: not a TrainConfig field
+        if isinstance(current, tuple):
+            out[key] = tuple(float(v) for v in raw.split(","))
+        elif isinstance(current, bool):
+            out[key] = raw.lower() in ("1", "true", "yes")
+        else:
+            out[key] = type(current)(raw)
+    return out
 
 
 def run_setting(setting: str, ds: Dataset, base: Ensemble, args: argparse.Namespace) -> dict:
     parts = setting.split("+")
     strategy, pseudo = parts[0], "pseudo" in parts
     full = strategy == "full"
+    k_clicks = next((int(p[len("clicks") :]) for p in parts if p.startswith("clicks")), 0)
+    clicked: dict[str, Path] = {}
+    effort = 0
+    points_dir = Path(tempfile.mkdtemp(prefix="camlabel-clicks-"))
     tcfg = _train_config(
         args,
         args.round_epochs,
@@ -112,13 +168,25 @@ def run_setting(setting: str, ds: Dataset, base: Ensemble, args: argparse.Namesp
             values = scores(current, left, "random" if strategy == "random" else strategy, r)
             picked = [left[i].name for i in np.argsort(-values, kind="stable")[: args.k]]
         revealed |= set(picked)
-        current, metrics = train_ensemble(reveal(ds, revealed), current.config, tcfg, init=current)
+        chosen = [s for s in left if s.name in set(picked)]
+        if k_clicks:
+            # Points files are derived from the dataset's masks: kept out of the results folder.
+            paths, n = click(current, chosen, k_clicks, points_dir / f"round{r}")
+            clicked.update(paths)
+            effort += n
+        else:
+            effort += traced_pixels(chosen)
+        data = reveal(ds, revealed, clicked)
+        current, metrics = train_ensemble(data, current.config, tcfg, init=current)
         row = {
             "round": r,
             "masks": len(revealed),
             "picked": picked,
+            # clicks placed so far, or for full masks the boundary pixels traced so far
+            "effort": {"clicks" if k_clicks else "traced_pixels": effort},
             "pseudo_masks": metrics["pseudo_masks"],
             "seconds": round(time.perf_counter() - t0, 1),
+            "segmentation_seconds": metrics.get("segmentation", {}).get("seconds"),
             **measure_all(current, ds),
         }
         rounds.append(row)
@@ -194,7 +262,8 @@ def summary(results: list[dict], args: argparse.Namespace) -> str:
         f"Learning curves, GlaS train -> testA+testB, members {args.members}, input {args.size}, "
         f"k={args.k} masks/round, {args.rounds} rounds, {args.init_epochs} base epochs, "
         f"{args.round_epochs} epochs/round, mask weight {args.mask_weight}, pseudo weight "
-        f"{args.pseudo_weight}, seed {args.seed}.",
+        f"{args.pseudo_weight}, seed {args.seed}"
+        + (f", settings {' '.join(args.set)}." if args.set else "."),
         "",
         "| setting | map | Dice-AUC | round 0 Dice fg / bg / PxAP | last round Dice fg / bg / PxAP | masks |",
         "|---|---|---|---|---|---|",
@@ -229,6 +298,7 @@ def main() -> None:
     p.add_argument("--pseudo-weight", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-decoder", dest="decoder", action="store_false")
+    p.add_argument("--set", action="append", default=[], help="TrainConfig field=value")
     p.add_argument("--out", default=str(OUT))
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")

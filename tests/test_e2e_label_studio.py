@@ -25,7 +25,8 @@ from wsl_models.versions import ModelStore
 from .ls_harness import LS_BIN, LabelStudio, free_port, wait_http
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIG = (ROOT / "label_config" / "finding_normal.xml").read_text()
+# finding_normal.xml plus keypoints (clicks as training data)
+CONFIG = (ROOT / "label_config" / "clicks.xml").read_text()
 
 pytestmark = pytest.mark.skipif(
     os.environ.get("CAMLABEL_SKIP_E2E") == "1", reason="CAMLABEL_SKIP_E2E=1"
@@ -263,6 +264,9 @@ def test_pre_annotate_learn_and_rank(label_studio, backend, tmp_path):
         {"from_name": "mask", "to_name": "image", "type": "brushlabels",
          "original_width": 96, "original_height": 96, "image_rotation": 0,
          "value": {"format": "rle", "rle": mask_to_rle(truths[n]), "brushlabels": ["finding"]}},
+        {"from_name": "point", "to_name": "image", "type": "keypointlabels",
+         "original_width": 96, "original_height": 96,
+         "value": {"x": 50.0, "y": 50.0, "width": 1.0, "keypointlabels": ["background"]}},
     ]  # fmt: skip
     r = ls.api("POST", f"/api/tasks/{by_name[n]['id']}/annotations", json={"result": human})
     assert r.status_code == 201, r.text
@@ -276,6 +280,12 @@ def test_pre_annotate_learn_and_rank(label_studio, backend, tmp_path):
     source = manifest["metrics"]["source"]
     # 15 annotated tasks (one with a human mask) + 6 unannotated ones through pseudo-masks.
     assert (source["masks"], source["labelled"], source["unlabelled"]) == (1, 15, 6)
+    assert source["clicked"] == 1  # the keypoint came back from Label Studio as a click
+    # The human mask trained the decoder as a segmenter, served at its own scale (unless
+    # the hash hold-out put that task among the validation images).
+    held_masked = f"task_{by_name[n]['id']}.png" in manifest["metrics"]["held_out"]
+    assert manifest["metrics"]["segmentation"].get("masks", 0) == (0 if held_masked else 1)
+    assert manifest["config"]["decoder_scale"] == (1.0 if held_masked else 2.0)
     assert manifest["metrics"]["pseudo_masks"] > 0
     # From v1, or from a version of an earlier job of the same webhook burst.
     versions = requests.get(f"{backend}/versions", timeout=5).json()["versions"]

@@ -63,7 +63,7 @@ def review_threshold(
 def mask_thresholds(ensemble: Ensemble, calib: list[Sample], seed: int) -> dict[str, Any]:
     """Per source: each member's threshold and the intersection's, by pooled mIoU at native size."""
     conf = ensemble.config
-    cds = ImageDataset(calib, conf.classes, conf.image_size)
+    cds = ImageDataset(calib, conf.classes, conf.input_size)
     truths = load_masks(calib)
     keys = [*conf.member_keys, "_min", "_mean"]
     maps: dict[str, dict[str, list[np.ndarray]]] = {

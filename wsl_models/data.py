@@ -1,4 +1,5 @@
-"""Datasets on the GlaS layout: ``images/``, ``labels.csv`` (image,label,split), optional ``masks/``."""
+"""Datasets on the GlaS layout: ``images/``, ``labels.csv`` (image,label,split), optional
+``masks/`` and ``points/`` (clicks as sparse targets, ``clicks.py``)."""
 
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ class Sample:
     label: str
     split: str
     mask: Path | None = None
+    points: Path | None = None  # clicks as a sparse target (clicks.py): points/NAME.png
 
     @property
     def name(self) -> str:
@@ -76,10 +78,12 @@ def load_dataset(root: str | Path) -> Dataset:
         image = root / "images" / name
         if not image.is_file():
             raise DatasetError(f"{table}:{n}: image {image} not found")
-        mask = root / "masks" / name
+        mask, points = root / "masks" / name, root / "points" / name
+        split = (row["split"] or "").strip()
         samples.append(
-            Sample(image, label, (row["split"] or "").strip(), mask if mask.is_file() else None)
-        )
+            Sample(image, label, split, mask if mask.is_file() else None,
+                   points if points.is_file() else None)
+        )  # fmt: skip
     if not samples:
         raise DatasetError(f"{table} lists no images")
     classes = tuple(sorted({s.label for s in samples if s.label}))

@@ -10,6 +10,7 @@ import torch
 
 from .cam import AnalyticCAM, cam_method, normalize_maps, resize_maps
 from .distributed import amp_settings, autocast
+from .images import scaled_size
 from .masks import Threshold, binarize, intersect, remove_small_components
 from .members import Member, member_spec
 from .uncertainty import MEASURES, mc_dropout_probs, member_disagreement
@@ -54,9 +55,14 @@ class EnsembleConfig:
     # The decoder map is a probability (not min-max normalised): one threshold for every
     # agreeing member, calibrated on pixel-labelled held-out images where there are some.
     decoder_threshold: Threshold = 0.5
+    # The decoder runs on the image at this multiple of image_size (mask_training.py sets it
+    # once human masks trained it at that scale); the classifier always at image_size.
+    decoder_scale: float = 1.0
 
     def __post_init__(self) -> None:
         self.image_size = tuple(int(v) for v in self.image_size)  # type: ignore[assignment]
+        if not 1.0 <= float(self.decoder_scale) <= 4.0:
+            raise ValueError(f"decoder_scale must be in [1, 4], got {self.decoder_scale}")
         if self.map_source is None:
             self.map_source = "decoder" if self.decoder else "cam"
         if self.map_mode not in ("class", "max"):
@@ -112,6 +118,14 @@ class EnsembleConfig:
         if self.intersection_threshold is not None:
             return self.intersection_threshold
         return self.member_thresholds.get(member, "otsu")
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        """(H, W) of the images ``Ensemble.predict`` takes: image_size, times decoder_scale
+        (rounded up to 32) for a decoder trained at a larger scale."""
+        if not self.decoder or self.decoder_scale == 1.0:
+            return self.image_size
+        return scaled_size(self.image_size, self.decoder_scale)
 
     @property
     def member_keys(self) -> list[str]:
@@ -213,7 +227,11 @@ class Ensemble:
         amp: str | None = None,
         samples: int | None = None,
     ) -> EnsembleOutput:
-        """images: (B, 3, H, W) float in [0, 1] at the config's image size.
+        """images: (B, 3, H, W) float in [0, 1] at the config's ``input_size``.
+
+        Larger than ``image_size`` (a decoder trained at ``decoder_scale``): the classifier,
+        its CAMs and MC samples see the images resized to ``image_size``, the decoder its own
+        forward at the given size. At ``image_size`` one forward serves both.
 
         ``amp`` (default ``self.amp``): auto | on | off. With autocast on (CUDA only) the
         backbones run in bfloat16 (float16 where unsupported); the head, the MC-Dropout samples
@@ -244,11 +262,20 @@ class Ensemble:
         def mirrored(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
             return None if a is None else (a + b.flip(-1)) / 2
 
+        large = images
+        if cfg.decoder_scale != 1.0 and tuple(images.shape[-2:]) != tuple(cfg.image_size):
+            images = torch.nn.functional.interpolate(
+                large, size=cfg.image_size, mode="bilinear", align_corners=False, antialias=True
+            )
+        else:
+            large = None
         mc, cams, locs, decs, embeddings = [], [], [], [], []
         for i, member in enumerate(self.members):
             member.eval()
             with torch.no_grad():
                 features, taps = forward(member, images)
+                if large is not None:  # the decoder's own forward at its scale
+                    taps = forward(member, large)[1]
                 pooled = features.mean(dim=(2, 3))
                 embeddings.append(torch.nn.functional.normalize(pooled.float(), dim=1).cpu())
                 s = None if seed is None else seed + i
@@ -261,7 +288,10 @@ class Ensemble:
                     )
                 cam, loc, dec = heads(member, features, taps)
                 if cfg.tta_flip:
-                    cam_m, loc_m, dec_m = heads(member, *forward(member, images.flip(-1)))
+                    f_m, t_m = forward(member, images.flip(-1))
+                    if large is not None:
+                        t_m = forward(member, large.flip(-1))[1]
+                    cam_m, loc_m, dec_m = heads(member, f_m, t_m)
                     cam = None if cam is None else normalize_maps(cam + cam_m.flip(-1))
                     loc, dec = mirrored(loc, loc_m), mirrored(dec, dec_m)
             if cam is None:  # a pytorch-grad-cam method: its own forward and backward

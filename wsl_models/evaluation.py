@@ -98,7 +98,7 @@ def evaluate(
     for i in range(0, len(samples), batch_size):
         batch = samples[i : i + batch_size]
         imgs = [open_image(s.image) for s in batch]
-        x = torch.stack([to_tensor(im, cfg.image_size) for im in imgs])
+        x = torch.stack([to_tensor(im, cfg.input_size) for im in imgs])
         out = ensemble.predict(x, seed=seed)
         member_pred = out.member_probs.argmax(-1)
         for j, s in enumerate(batch):

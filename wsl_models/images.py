@@ -64,6 +64,11 @@ def open_mask(path: str | Path, size: tuple[int, int] | None = None) -> np.ndarr
     return np.asarray(img) > 0
 
 
+def scaled_size(size: tuple[int, int] | list[int], scale: float) -> tuple[int, int]:
+    """(H, W) times ``scale``, each rounded up to a multiple of 32 (the backbones' stride)."""
+    return tuple(max(32, -(-round(v * scale) // 32) * 32) for v in size)  # type: ignore[return-value]
+
+
 def parse_size(value: str | int | tuple[int, int] | list[int]) -> tuple[int, int]:
     """'448x320' (W x H), '224' or 224 -> (H, W)."""
     if isinstance(value, int):

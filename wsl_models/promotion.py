@@ -36,7 +36,7 @@ def holdout_scores(ensemble: Ensemble, samples: list[Sample], seed: int = 0) -> 
     labelled = [s for s in samples if s.label in cfg.classes]
     if not labelled:
         return {"images": 0}
-    ds = ImageDataset(labelled, cfg.classes, tuple(cfg.image_size))
+    ds = ImageDataset(labelled, cfg.classes, tuple(cfg.input_size))
     correct, rows = 0, []
     fg = bg = None
     for start in range(0, len(ds), 8):

@@ -35,6 +35,7 @@ from .data import (
 from .decoder_training import train_decoders
 from .ensemble import Ensemble, EnsembleConfig
 from .feature_bank import FeatureBank
+from .mask_training import train_segmentation
 from .members import Member, Weights, build_member, channels_last
 from .metrics import pxap
 from .supervision import (
@@ -520,11 +521,18 @@ def train_ensemble(
         members.append(member)
     ensemble = Ensemble(members, ens_cfg)
     decoders: dict[str, Any] = {}
+    segmentation: dict[str, Any] = {}
     # Under torchrun only rank 0 trains the decoders and calibrates: the others' ensembles
     # are never saved.
     if ens_cfg.decoder and distributed.is_main():
-        decoders = train_decoders(
-            ensemble, train_s, human, cfg, resolve_device(cfg.device), held_out=calib
+        device = resolve_device(cfg.device)
+        decoders = train_decoders(ensemble, train_s, human, cfg, device, held_out=calib)
+        has_mask = [h is not None for h in human]
+        wanted_or_unlabelled = set(ens_cfg.mask_classes or ens_cfg.classes) | {""}
+        has_points = [cfg.train_masks and s.points is not None and s.label in wanted_or_unlabelled
+                      for s in train_s]  # fmt: skip
+        segmentation = train_segmentation(
+            ensemble, train_s, has_mask, cfg, device, calib, has_points
         )
     measured = (
         calibrate(ensemble, val_ds, calib, cfg.seed, cfg.review_quantile, cfg.choose_map_source)
@@ -541,6 +549,7 @@ def train_ensemble(
         **measured,
         "members": reports,
         "decoders": decoders,
+        "segmentation": segmentation,
         "train_config": asdict(cfg),
     }
     return ensemble, metrics

@@ -1,0 +1,152 @@
+"""Segmentation fine-tuning on human masks: the Dice loss, aligned crops, the step budget,
+the decoder served at its own scale, and versions from before it."""
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch.nn import functional as F
+
+from wsl_models.data import load_dataset
+from wsl_models.ensemble import Ensemble, EnsembleConfig
+from wsl_models.evaluation import evaluate
+from wsl_models.images import scaled_size
+from wsl_models.mask_training import (
+    random_crops,
+    segmentation_loss,
+    segmentation_steps,
+    soft_dice_loss,
+)
+from wsl_models.members import build_member
+from wsl_models.supervision import IGNORE
+from wsl_models.synthetic import make_dataset
+from wsl_models.training import TrainConfig, train_ensemble
+from wsl_models.versions import MANIFEST, ModelStore
+
+SIZE = 96
+
+
+def test_soft_dice_matches_the_formula_and_ignores_ignored_pixels():
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 8, 8, generator=gen)
+    target = (torch.rand(2, 8, 8, generator=gen) > 0.5).to(torch.uint8)
+    p, t = torch.sigmoid(logits).numpy(), target.numpy().astype(float)
+    want = np.mean(
+        [1 - (2 * (p[i] * t[i]).sum() + 1) / (p[i].sum() + t[i].sum() + 1) for i in (0, 1)]
+    )
+    assert float(soft_dice_loss(logits, target)) == pytest.approx(want, rel=1e-5)
+    # Ignored pixels change nothing, whatever the logits there.
+    ignored = target.clone()
+    ignored[:, :2] = IGNORE
+    noisy = logits.clone()
+    noisy[:, :2] = 50.0
+    assert float(soft_dice_loss(noisy, ignored)) == pytest.approx(
+        float(soft_dice_loss(logits, ignored)), rel=1e-6
+    )
+    # A confident right answer costs almost nothing, an empty target predicted empty too.
+    right = (target.float() * 2 - 1) * 20
+    assert float(segmentation_loss(right, target, 1.0)) < 1e-3
+    empty = torch.zeros(1, 8, 8, dtype=torch.uint8)
+    assert float(soft_dice_loss(torch.full((1, 8, 8), -20.0), empty)) < 1e-3
+
+
+def test_crops_keep_image_and_target_aligned_through_flips_rotations_and_scale():
+    gen = torch.Generator().manual_seed(1)
+    cells = (torch.rand(3, 1, 6, 8, generator=gen) > 0.6).float()  # 10-px blocks
+    target = F.interpolate(cells, scale_factor=10, mode="nearest")[:, 0].to(torch.uint8)
+    # The image carries its own target in red: any misalignment shows up.
+    images = torch.zeros(3, 3, 60, 80, dtype=torch.uint8)
+    images[:, 0] = target * 255
+    for jitter in ((1.0, 1.0), (0.75, 1.33)):
+        x, t = random_crops(images, target, torch.tensor([0, 1, 2, 0]), (32, 32), jitter, gen)
+        assert x.shape == (4, 3, 32, 32) and t.shape == (4, 32, 32) and t.dtype == torch.uint8
+        red = x[:, 0] > 0.5
+        agree = (red == (t == 1)).float().mean()
+        # Exact at scale 1; at other scales only the resampled edges may differ.
+        assert agree == 1.0 if jitter == (1.0, 1.0) else agree > 0.9
+
+
+def test_steps_grow_with_the_masks_within_bounds():
+    cfg = TrainConfig(seg_steps_per_mask=20, seg_min_steps=80, seg_max_steps=400)
+    assert segmentation_steps(cfg, 0) == 0
+    assert segmentation_steps(cfg, 2) == 80
+    assert segmentation_steps(cfg, 8) == 160
+    assert segmentation_steps(cfg, 32) == 400
+    assert segmentation_steps(dataclasses.replace(cfg, seg_steps_per_mask=0), 32) == 0
+    assert scaled_size((224, 224), 2.0) == (448, 448)
+    assert scaled_size((96, 128), 1.5) == (160, 192)
+
+
+def _ensemble(scale: float) -> Ensemble:
+    torch.manual_seed(0)
+    member = build_member("tiny", 2, decoder=True)
+    return Ensemble([member], EnsembleConfig(["a", "b"], ["tiny"], (64, 64), decoder_scale=scale))
+
+
+def test_the_classifier_sees_the_model_size_and_the_decoder_its_own_scale():
+    large = torch.rand(2, 3, 128, 128, generator=torch.Generator().manual_seed(2))
+    scaled, plain = _ensemble(2.0), _ensemble(1.0)
+    assert scaled.config.input_size == (128, 128) and plain.config.input_size == (64, 64)
+    small = F.interpolate(large, size=(64, 64), mode="bilinear", antialias=True)
+    a, b = scaled.predict(large, seed=0), plain.predict(small, seed=0)
+    assert torch.equal(a.probs, b.probs) and torch.equal(a.cams[0], b.cams[0])
+    # The decoder's map comes from the large image: twice as fine.
+    assert a.decoder_maps[0].shape[-1] == 2 * b.decoder_maps[0].shape[-1]
+    with torch.no_grad():
+        direct = torch.sigmoid(
+            scaled.members[0].decode(scaled.members[0].features_and_taps(large)[1])
+        )
+    assert torch.allclose(a.decoder_maps[0], direct)
+    with pytest.raises(ValueError, match="decoder_scale"):
+        EnsembleConfig(["a", "b"], ["tiny"], decoder_scale=0.5)
+
+
+@pytest.fixture(scope="module")
+def disks(tmp_path_factory):
+    root = make_dataset(
+        tmp_path_factory.mktemp("disks"), {"train": 32, "test": 12}, (SIZE, SIZE), 3
+    )
+    return load_dataset(root)
+
+
+def test_human_masks_fine_tune_a_segmenter_served_at_its_scale(disks, tmp_path):
+    cfg = EnsembleConfig(list(disks.classes), ["tiny"], (SIZE, SIZE), mask_classes=["lesion"])
+    tcfg = TrainConfig(
+        epochs=12, lr=3e-3, decoder_epochs=10, weights="none", progress=False, train_masks=True,
+        seg_steps_per_mask=4, seg_min_steps=40, seg_max_steps=60, seg_eval_every=10,
+    )  # fmt: skip
+    ens, metrics = train_ensemble(disks, cfg, tcfg)
+    seg = metrics["segmentation"]
+    lesion_masks = sum(1 for s in disks.split("train") if s.label == "lesion")
+    assert 0 < seg["masks"] <= lesion_masks and seg["negatives"] > 0  # normals: background
+    assert seg["0-tiny"]["steps"] == min(60, max(40, 4 * seg["masks"]))
+    assert ens.config.decoder_scale == 2.0 and ens.config.input_size == (2 * SIZE, 2 * SIZE)
+    first, last = seg["0-tiny"]["history"][0]["loss"], seg["0-tiny"]["history"][-1]["loss"]
+    assert last < first
+    # Saved and loaded, it serves at its scale; masks find the disks, normals stay dark.
+    store = ModelStore(tmp_path)
+    store.save(ens, metrics)
+    loaded = store.load()
+    assert loaded.config.decoder_scale == 2.0
+    report = evaluate(loaded, disks, "test", progress=False)
+    row = report["by_source"]["decoder"]["0-tiny"]
+    assert row["pxap"] > 70 and row["dice_fg"] > 60
+
+
+def test_a_version_from_before_segmentation_serves_at_the_model_size(disks, tmp_path):
+    cfg = EnsembleConfig(list(disks.classes), ["tiny"], (SIZE, SIZE), mask_classes=["lesion"])
+    ens, metrics = train_ensemble(
+        disks, cfg, TrainConfig(epochs=2, decoder_epochs=2, weights="none", progress=False)
+    )
+    assert metrics["segmentation"] == {"skipped": "no human masks or clicks"}
+    store = ModelStore(tmp_path)
+    version = store.save(ens, metrics)
+    manifest = store.versions_dir / version / MANIFEST
+    data = json.loads(manifest.read_text())
+    data["config"].pop("decoder_scale")  # as written before the field existed
+    manifest.write_text(json.dumps(data))
+    old = store.load(version)
+    assert old.config.decoder_scale == 1.0 and old.config.input_size == (SIZE, SIZE)
+    assert evaluate(old, disks, "test", progress=False)["accuracy"]["ensemble"] >= 0

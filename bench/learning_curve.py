@@ -31,6 +31,7 @@ from wsl_models.data import Dataset, ImageDataset, load_dataset, stratified_hold
 from wsl_models.ensemble import Ensemble, EnsembleConfig
 from wsl_models.evaluation import evaluate
 from wsl_models.images import open_image, open_mask, parse_size, to_tensor
+from wsl_models.train_config import recipe
 from wsl_models.training import TrainConfig, train_ensemble
 
 OUT = Path(__file__).parent / "results" / "learning_curve"
@@ -92,6 +93,21 @@ def traced_pixels(samples: list) -> int:
     return total
 
 
+def scored_split(ds: Dataset, split: str, seed: int) -> Dataset:
+    """The dataset whose ``test`` split is scored: GlaS test, or with ``split="val"`` the
+    train images the hash hold-out keeps out of training (never revealed, never trained on),
+    the split defaults are chosen on."""
+    if split == "test":
+        return ds
+    _, held = stratified_holdout(ds.split("train"), TrainConfig().val_fraction, seed)
+    names = {s.name for s in held}
+    return Dataset(ds.root, ds.classes, tuple(
+        dataclasses.replace(s, split="test") if s.name in names else
+        dataclasses.replace(s, split="scored-out") if s.split.startswith("test") else s
+        for s in ds.samples
+    ))  # fmt: skip
+
+
 def measure_all(ens: Ensemble, ds: Dataset) -> dict[str, dict[str, float]]:
     """Accuracy, PxAP and Dice fg/bg of every map source the model has (cam, localizer,
     decoder): the consensus of the members, or the member's own map for a single member."""
@@ -111,31 +127,16 @@ def measure_all(ens: Ensemble, ds: Dataset) -> dict[str, dict[str, float]]:
 
 def _train_config(args: argparse.Namespace, epochs: int, **options: object) -> TrainConfig:
     """Settings shared by the base model and every round: no validation masks are assumed."""
-    return TrainConfig(
+    cfg = TrainConfig(
         epochs=epochs,
         lr=args.lr,
         weights="imagenet",
         calibration_images=0,
         progress=False,
         seed=args.seed,
-        **{**options, **_overrides(args.set)},
+        **options,
     )
-
-
-def _overrides(items: list[str]) -> dict[str, object]:
-    """``--set field=value``: TrainConfig overrides (numbers, or comma-separated tuples)."""
-    defaults = TrainConfig()
-    out: dict[str, object] = {}
-    for item in items:
-        key, _, raw = item.partition("=")
-        current = getattr(defaults, key)  # AttributeError: not a TrainConfig field
-        if isinstance(current, tuple):
-            out[key] = tuple(float(v) for v in raw.split(","))
-        elif isinstance(current, bool):
-            out[key] = raw.lower() in ("1", "true", "yes")
-        else:
-            out[key] = type(current)(raw)
-    return out
+    return recipe(cfg, ";".join(args.set), prefix="")  # --set field=value overrides
 
 
 def run_setting(setting: str, ds: Dataset, base: Ensemble, args: argparse.Namespace) -> dict:
@@ -299,13 +300,15 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-decoder", dest="decoder", action="store_false")
     p.add_argument("--set", action="append", default=[], help="TrainConfig field=value")
+    p.add_argument("--score-on", choices=["test", "val"], default="test",
+                   help="val: score on the held-out train images (to choose defaults)")  # fmt: skip
     p.add_argument("--out", default=str(OUT))
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(max(1, torch.get_num_threads()))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    ds = load_dataset(args.data)
+    ds = scored_split(load_dataset(args.data), args.score_on, args.seed)
     settings = [s for s in args.settings.split(",") if s]
     bases: dict[bool, Ensemble] = {}
     results = []

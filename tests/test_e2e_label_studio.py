@@ -113,11 +113,53 @@ def _connect(ls, server, pid: int, *extra: str) -> subprocess.CompletedProcess:
     )  # fmt: skip
 
 
-def _wait_for_training(backend: str, project: int, previous: str | None, timeout: float = 240):
-    deadline = time.time() + timeout
+# How long neither the backend's answers nor its CPU time may move before a wait fails: a
+# wait lasts as long as training keeps working, however slow the machine.
+STALL_S = 120.0
+
+
+def _cpu_seconds(pid: int) -> tuple[float, bool]:
+    """(CPU seconds used by ``pid`` and its descendants, whether ``pid`` itself still runs)."""
+    total, alive, todo = 0.0, False, [pid]
+    tick = os.sysconf("SC_CLK_TCK")
+    while todo:
+        p = todo.pop()
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        alive |= p == pid and fields[0] != "Z"
+        total += (int(fields[11]) + int(fields[12])) / tick
+        todo += _children(p)
+    return total, alive
+
+
+def _wait_while_progressing(server: SimpleNamespace, check, what: str, poll: float):
+    """Poll ``check()`` -> (result or None, state) until a result comes. Fails when the backend
+    process has died, or when for STALL_S seconds neither the state changed nor the backend's
+    processes used 2 CPU seconds (a working trainer uses about one per second and core)."""
+    last_state, last_cpu, since = object(), -1.0, time.monotonic()
+    while True:
+        result, state = check()
+        if result is not None:
+            return result
+        cpu, alive = _cpu_seconds(server.pid)
+        if not alive:
+            raise AssertionError(f"{what}: the backend process died: {state}")
+        if state != last_state or cpu - last_cpu >= 2.0:
+            last_state, last_cpu, since = state, cpu, time.monotonic()
+        elif time.monotonic() - since > STALL_S:
+            raise TimeoutError(f"{what}: no progress for {STALL_S:.0f} s: {state}")
+        time.sleep(poll)
+
+
+def _wait_for_training(server: SimpleNamespace, project: int, previous: str | None) -> str:
+    """The new version once the project's job is done and nothing is queued."""
     failures = 0
-    while time.time() < deadline:
-        health = requests.get(f"{backend}/health", timeout=5).json()
+
+    def check():
+        nonlocal failures
+        health = requests.get(f"{server.url}/health", timeout=5).json()
         job = health["jobs"].get(str(project), {})
         failures = (
             failures + 1 if job.get("state") == "failed" and not health["queue_pending"] else 0
@@ -129,17 +171,18 @@ def _wait_for_training(backend: str, project: int, previous: str | None, timeout
             and health["queue_pending"] == 0
             and job.get("version") not in (None, previous)
         ):
-            return job["version"]
-        time.sleep(2)
-    raise TimeoutError(f"no new version within {timeout} s: {health}")
+            return job["version"], None
+        return None, (job.get("state"), job.get("attempt"), health["queue_pending"])
+
+    return _wait_while_progressing(server, check, "training", poll=2.0)
 
 
-def _settled_version(backend: str, project: int) -> str:
+def _settled_version(server: SimpleNamespace, project: int) -> str:
     """The version once training is idle and stays idle (webhook bursts may queue a 2nd job)."""
-    version = _wait_for_training(backend, project, None)
+    version = _wait_for_training(server, project, None)
     while True:
         time.sleep(5)
-        again = _wait_for_training(backend, project, None)
+        again = _wait_for_training(server, project, None)
         if again == version:
             return version
         version = again
@@ -198,7 +241,7 @@ def test_pre_annotate_learn_and_rank(label_studio, backend, tmp_path):
         r = ls.api("POST", f"/api/tasks/{by_name[n]['id']}/annotations", json={"result": [choice]})
         assert r.status_code == 201, r.text
     assert ls.api("POST", f"/api/ml/{ml_id}/train").status_code in (200, 201)
-    v1 = _settled_version(backend, pid)
+    v1 = _settled_version(server, pid)
     assert ls.api("GET", f"/api/projects/{pid}").json()["model_version"] == v1
     # The line's first version (the webhook burst may have made several) started from the
     # base model, whose pseudo-masks also taught it on the unannotated tasks.
@@ -271,8 +314,8 @@ def test_pre_annotate_learn_and_rank(label_studio, backend, tmp_path):
     r = ls.api("POST", f"/api/tasks/{by_name[n]['id']}/annotations", json={"result": human})
     assert r.status_code == 201, r.text
     assert ls.api("POST", f"/api/ml/{ml_id}/train").status_code in (200, 201)
-    _wait_for_training(backend, pid, v1)
-    v2 = _settled_version(backend, pid)
+    _wait_for_training(server, pid, v1)
+    v2 = _settled_version(server, pid)
     assert v2 != v1
     assert ls.api("GET", f"/api/projects/{pid}").json()["model_version"] == v2
     assert set(requests.get(f"{backend}/versions", timeout=5).json()["versions"]) >= {v1, v2}
@@ -475,7 +518,7 @@ def _a_second_project_with_other_classes(ls, server, pid_a: int, v_a: str, tmp_p
         json={"selectedItems": {"all": True, "excluded": []}, "model_version": "earlier-tool"},
     )  # 12 annotations at once: one ANNOTATIONS_CREATED webhook
     assert r.status_code == 200, r.text
-    v_b = _settled_version(server.url, pid_b)  # trained by the ANNOTATIONS_CREATED webhook
+    v_b = _settled_version(server, pid_b)  # trained by the ANNOTATIONS_CREATED webhook
     job_b = requests.get(f"{server.url}/health", timeout=5).json()["jobs"][str(pid_b)]
     assert job_b["promoted"] is True and job_b["ranking"] == "done", job_b
     manifest = requests.get(f"{server.url}/versions/{v_b}", timeout=5).json()
@@ -530,14 +573,13 @@ def _kill_9_mid_training(ls, server, pid: int, current: str, task_id: int, label
               "value": {"choices": [label]}}  # fmt: skip
     r = ls.api("POST", f"/api/tasks/{task_id}/annotations", json={"result": [choice]})
     assert r.status_code == 201, r.text  # its webhook queues a job
-    deadline = time.time() + 120
-    job: dict = {}
-    while time.time() < deadline:
+
+    def running():
         job = requests.get(f"{server.url}/health", timeout=5).json()["jobs"].get(str(pid), {})
-        if job.get("state") == "running" and job.get("attempt") == 1:
-            break
-        time.sleep(0.1)
-    assert job.get("state") == "running", job
+        started = job.get("state") == "running" and job.get("attempt") == 1
+        return (job if started else None), (job.get("state"), job.get("attempt"))
+
+    job = _wait_while_progressing(server, running, "the job to start", poll=0.1)
     trainer = job["worker_pid"]
     web_workers = [p for p in _children(server.pid) if p != trainer]
     assert trainer in _children(server.pid) and len(web_workers) == 2
@@ -552,7 +594,7 @@ def _kill_9_mid_training(ls, server, pid: int, current: str, task_id: int, label
         assert r.status_code == 200 and r.json()["model_version"] == current
         assert r.json()["results"][0]["result"]
 
-    version = _settled_version(server.url, pid)
+    version = _settled_version(server, pid)
     job = requests.get(f"{server.url}/health", timeout=5).json()["jobs"][str(pid)]
     assert job["attempt"] == 2 and job["worker_pid"] != trainer, job
     source = requests.get(f"{server.url}/versions/{version}", timeout=5).json()["metrics"]["source"]

@@ -246,10 +246,13 @@ class HeldOut:
     truths: list[np.ndarray]  # (H, W) bool at the same size
 
     @classmethod
-    def of(cls, ensemble: Ensemble, samples: Sequence[Sample]) -> HeldOut | None:
+    def of(
+        cls, ensemble: Ensemble, samples: Sequence[Sample], size: tuple[int, int] | None = None
+    ) -> HeldOut | None:
+        """The samples at ``size`` (default the model's input size); None without any."""
         if not samples:
             return None
-        size = tuple(ensemble.config.image_size)
+        size = tuple(size or ensemble.config.image_size)
         ds = ImageDataset(samples, ensemble.config.classes, size)
         truths = [resize_mask(m, size) for m in load_masks(samples)]
         return cls(torch.stack([ds[i][0] for i in range(len(ds))]), truths)
@@ -258,6 +261,24 @@ class HeldOut:
         """PxAP of (N, 1, h, w) decoder probabilities upsampled to the masks' size."""
         up = resize_maps(probs[:, 0].cpu(), self.truths[0].shape).clamp(0, 1).numpy()
         return pxap(list(up), self.truths)
+
+
+class BestCheckpoint:
+    """The module state with the best held-out score seen so far (ties: the later one)."""
+
+    def __init__(self) -> None:
+        self.score: float | None = None
+        self.at: int | None = None
+        self._state: dict[str, torch.Tensor] | None = None
+
+    def offer(self, score: float, at: int, module: torch.nn.Module) -> None:
+        if self.score is None or score >= self.score:
+            self.score, self.at, self._state = score, at, copy.deepcopy(module.state_dict())
+
+    def restore(self, module: torch.nn.Module) -> None:
+        """Load the kept state into ``module`` (nothing kept: left as it is)."""
+        if self._state is not None:
+            module.load_state_dict(self._state)
 
 
 # ---------------------------------------------------------------- training
@@ -339,7 +360,7 @@ def train_decoder(
     use_pseudo = bool(has_human.any()) and cfg.decoder_pseudo_weight > 0
     pseudo_from = int(cfg.decoder_pseudo_start * epochs)
     select = held is not None and cfg.decoder_select == "localization"
-    best: tuple[float, int, dict[str, torch.Tensor]] | None = None
+    best = BestCheckpoint()
     history = []
     for epoch in range(epochs):
         pseudo = None
@@ -387,17 +408,15 @@ def train_decoder(
         row: dict[str, Any] = {"epoch": epoch + 1, "loss": total / max(steps, 1)}
         if select:
             row["held_out_pxap"] = held[0].score(decoder_probs(member, held[1]))
-            if best is None or row["held_out_pxap"] >= best[0]:
-                best = (row["held_out_pxap"], epoch + 1, copy.deepcopy(decoder.state_dict()))
+            best.offer(row["held_out_pxap"], epoch + 1, decoder)
         history.append(row)
-    if best is not None:
-        decoder.load_state_dict(best[2])
+    best.restore(decoder)
     decoder.eval()
     return {
         "epochs": epochs,
-        "selected_epoch": best[1] if best is not None else epochs,
-        "select": "localization" if best is not None else "last",
-        "held_out_pxap": best[0] if best is not None else None,
+        "selected_epoch": best.at or epochs,
+        "select": "localization" if best.at is not None else "last",
+        "held_out_pxap": best.score,
         "final_loss": history[-1]["loss"] if history else None,
         "history": history,
     }

@@ -262,13 +262,13 @@ class Ensemble:
         def mirrored(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
             return None if a is None else (a + b.flip(-1)) / 2
 
-        large = images
+        # The decoder's own input when it runs at a larger scale than the classifier.
+        large = None
         if cfg.decoder_scale != 1.0 and tuple(images.shape[-2:]) != tuple(cfg.image_size):
+            large = images
             images = torch.nn.functional.interpolate(
                 large, size=cfg.image_size, mode="bilinear", align_corners=False, antialias=True
             )
-        else:
-            large = None
         mc, cams, locs, decs, embeddings = [], [], [], [], []
         for i, member in enumerate(self.members):
             member.eval()

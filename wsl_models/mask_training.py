@@ -23,7 +23,6 @@ scale (``Ensemble.predict``), the classifier still at the model's size.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import time
 from collections.abc import Sequence
@@ -34,15 +33,13 @@ import torch
 from torch.nn import functional as F
 from torchvision.transforms import v2
 
-from .cam import resize_maps
 from .clicks import load_points
-from .data import ImageDataset, Sample, load_masks
+from .data import ImageDataset, Sample
+from .decoder_training import BestCheckpoint, HeldOut
 from .ensemble import Ensemble
-from .images import open_mask, scaled_size
-from .masks import resize_mask
+from .images import scaled_size
 from .members import Member
-from .metrics import pxap
-from .supervision import IGNORE
+from .supervision import IGNORE, human_target
 from .train_config import TrainConfig
 
 # ---------------------------------------------------------------- pure functions
@@ -125,11 +122,6 @@ def random_crops(
 # ---------------------------------------------------------------- the training set
 
 
-def masks_at(samples: Sequence[Sample], size: tuple[int, int]) -> list[np.ndarray]:
-    """Each sample's mask file as uint8 0/1 at ``size`` (nearest)."""
-    return [resize_mask(open_mask(s.mask), size).astype(np.uint8) for s in samples]
-
-
 def points_at(samples: Sequence[Sample], size: tuple[int, int]) -> list[np.ndarray]:
     """Each sample's points file (clicks) as uint8 0/1/IGNORE at ``size``."""
     return [load_points(s.points, size) for s in samples]
@@ -146,9 +138,7 @@ class SegmentationSet:
         targets: Sequence[np.ndarray],
     ) -> None:
         ds = ImageDataset(samples, classes, size)
-        self.images = torch.stack(
-            [(ds[i][0] * 255).round().to(torch.uint8) for i in range(len(ds))]
-        )
+        self.images = torch.stack([ds.image(i) for i in range(len(ds))])
         self.targets = torch.stack([torch.from_numpy(t) for t in targets])
         self.labels = torch.tensor(ds.labels)
 
@@ -161,17 +151,14 @@ def _colour_jitter(strength: float) -> v2.ColorJitter:
 # ---------------------------------------------------------------- training
 
 
-def _held_out_score(
-    member: Member, images: torch.Tensor, truths: list[np.ndarray], device: torch.device
-) -> float:
+def _decoder_probs(member: Member, images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """(N, 1, h, w) decoder probabilities, one image per forward (images at any size)."""
     member.eval()
     with torch.no_grad():
-        probs = [
+        return torch.cat([
             torch.sigmoid(member.decode(member.features_and_taps(images[i : i + 1].to(device))[1]))
             for i in range(len(images))
-        ]
-    maps = resize_maps(torch.cat(probs)[:, 0].cpu(), truths[0].shape).clamp(0, 1).numpy()
-    return pxap(list(maps), truths)
+        ]).cpu()  # fmt: skip
 
 
 def train_member_segmentation(
@@ -184,14 +171,15 @@ def train_member_segmentation(
     cfg: TrainConfig,
     device: torch.device,
     seed: int,
-    held: tuple[torch.Tensor, list[np.ndarray]] | None = None,
+    held: HeldOut | None = None,
 ) -> dict[str, Any]:
-    """Fine-tune ``member``'s decoder and top stage in place on crops of ``data``.
+    """Fine-tune ``member``'s decoder (and top stage) in place on crops of ``data``.
 
     ``masked``: indices with human masks or clicks; ``negatives``: indices of images whose
     class gets no mask (all-background targets), a quarter of the crops when there are any;
-    ``dense``: per image, whether its target is a full mask (else clicks: no Dice term). BatchNorm stays
-    frozen (the member in eval mode), the trunk below the top stage frozen."""
+    ``dense``: per image, whether its target is a full mask (else clicks: no Dice term).
+    BatchNorm stays frozen (the member in eval mode), and so does everything but the decoder
+    unless ``cfg.seg_encoder_lr_factor`` > 0."""
     steps = segmentation_steps(cfg, len(masked))
     gen = torch.Generator().manual_seed(seed)
     jitter = _colour_jitter(cfg.seg_colour_jitter)
@@ -215,7 +203,7 @@ def train_member_segmentation(
     )
     labelled = np.flatnonzero(data.labels.numpy() >= 0)
     crop = tuple(model_size)
-    best: tuple[float, int, dict[str, torch.Tensor]] | None = None
+    best = BestCheckpoint()
     history: list[dict[str, float]] = []
     every = max(1, cfg.seg_eval_every)
     start = time.perf_counter()
@@ -258,23 +246,21 @@ def train_member_segmentation(
             opt.step()
             sched.step()
             done = step + 1
-            if held is not None and (done % every == 0 or done == steps):
-                score = _held_out_score(member, held[0], held[1], device)
-                history.append({"step": done, "loss": float(loss.detach()), "held_out_pxap": score})
-                if best is None or score >= best[0]:
-                    best = (score, done, copy.deepcopy(member.state_dict()))
-            elif done % every == 0 or done == steps:
-                history.append({"step": done, "loss": float(loss.detach())})
+            if done % every == 0 or done == steps:
+                row = {"step": done, "loss": float(loss.detach())}
+                if held is not None:
+                    row["held_out_pxap"] = held.score(_decoder_probs(member, held.images, device))
+                    best.offer(row["held_out_pxap"], done, member)
+                history.append(row)
     finally:
         for p in frozen:
             p.requires_grad_(True)
-    if best is not None:
-        member.load_state_dict(best[2])
+    best.restore(member)
     member.eval()
     return {
         "steps": steps,
-        "selected_step": best[1] if best is not None else steps,
-        "held_out_pxap": best[0] if best is not None else None,
+        "selected_step": best.at or steps,
+        "held_out_pxap": best.score,
         "seconds": time.perf_counter() - start,
         "history": history,
     }
@@ -311,7 +297,7 @@ def train_segmentation(
         rng = np.random.default_rng(cfg.seed)
         negative_s = [negative_s[i] for i in sorted(rng.choice(len(negative_s), 4 * len(masked_s), replace=False))]  # fmt: skip
     targets = [
-        *masks_at(mask_s, size),
+        *(human_target(s, size) for s in mask_s),
         *points_at(click_s, size),
         *(np.zeros(size, np.uint8) for _ in negative_s),
     ]
@@ -320,13 +306,7 @@ def train_segmentation(
     negatives = np.arange(len(masked_s), len(masked_s) + len(negative_s))
     dense = torch.ones(len(targets), dtype=torch.bool)
     dense[len(mask_s) : len(masked_s)] = False
-    held = None
-    if held_out:
-        hds = ImageDataset(held_out, conf.classes, size)
-        held = (
-            torch.stack([hds[i][0] for i in range(len(hds))]),
-            [resize_mask(m, size) for m in load_masks(held_out)],
-        )
+    held = HeldOut.of(ensemble, held_out, size)
     report: dict[str, Any] = {
         "masks": len(mask_s),
         "clicked": len(click_s),

@@ -130,23 +130,27 @@ class TrainConfig:
     seg_eval_every: int = 20
 
 
-def recipe(cfg: TrainConfig, text: str) -> TrainConfig:
-    """``cfg`` with a decoder recipe's overrides: "field=value;field=value", decoder_* fields
-    only; tuple fields take comma-separated values."""
+def recipe(cfg: TrainConfig, text: str, prefix: str = "decoder_") -> TrainConfig:
+    """``cfg`` with overrides "field=value;field=value" of fields starting with ``prefix``
+    (a decoder recipe: decoder_* fields only; "" for any field); tuple fields take
+    comma-separated values, booleans 1/0, true/false, yes/no."""
     values: dict[str, object] = {}
     for item in (part.strip() for part in text.split(";")):
         if not item:
             continue
         key, sep, raw = item.partition("=")
         key = key.strip()
-        if not sep or not key.startswith("decoder_") or not hasattr(cfg, key):
-            raise ValueError(f"a decoder recipe sets decoder_* fields as field=value, not {item!r}")
+        if not sep or not key.startswith(prefix) or not hasattr(cfg, key):
+            what = f"{prefix}* fields" if prefix else "TrainConfig fields"
+            raise ValueError(f"a recipe sets {what} as field=value, not {item!r}")
         current = getattr(cfg, key)
         if isinstance(current, tuple):
             kind = type(current[0]) if current else float
             values[key] = tuple(kind(v) for v in raw.split(",") if v.strip())
         elif current is None or isinstance(current, str):
             values[key] = raw.strip() or None
+        elif isinstance(current, bool):
+            values[key] = raw.strip().lower() in ("1", "true", "yes")
         else:
             values[key] = type(current)(raw)
     return dataclasses.replace(cfg, **values)

@@ -417,17 +417,18 @@ def pseudo_targets(
     return out
 
 
+def _pixel_labelled(s: Sample, ens_cfg: EnsembleConfig, cfg: TrainConfig) -> bool:
+    """Whether a training image's own pixel labels (mask, clicks) train: ``cfg.train_masks``
+    and an image of a mask class or unlabelled."""
+    return cfg.train_masks and (not s.label or s.label in (ens_cfg.mask_classes or ens_cfg.classes))
+
+
 def human_targets(
     train_s: list[Sample], ens_cfg: EnsembleConfig, cfg: TrainConfig
 ) -> list[np.ndarray | None]:
     """The human masks of training images (``cfg.train_masks``) of mask classes or unlabelled."""
     size = tuple(ens_cfg.image_size)
-    wanted = set(ens_cfg.mask_classes or ens_cfg.classes)
-    return [
-        human_target(s, size) if (s.label in wanted or not s.label) and cfg.train_masks
-        else None
-        for s in train_s
-    ]  # fmt: skip
+    return [human_target(s, size) if _pixel_labelled(s, ens_cfg, cfg) else None for s in train_s]
 
 
 def _pixel_train_set(
@@ -528,9 +529,7 @@ def train_ensemble(
         device = resolve_device(cfg.device)
         decoders = train_decoders(ensemble, train_s, human, cfg, device, held_out=calib)
         has_mask = [h is not None for h in human]
-        wanted_or_unlabelled = set(ens_cfg.mask_classes or ens_cfg.classes) | {""}
-        has_points = [cfg.train_masks and s.points is not None and s.label in wanted_or_unlabelled
-                      for s in train_s]  # fmt: skip
+        has_points = [s.points is not None and _pixel_labelled(s, ens_cfg, cfg) for s in train_s]
         segmentation = train_segmentation(
             ensemble, train_s, has_mask, cfg, device, calib, has_points
         )

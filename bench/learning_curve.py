@@ -260,7 +260,9 @@ def plot(results: list[dict], path: Path) -> None:
 
 def summary(results: list[dict], args: argparse.Namespace) -> str:
     lines = [
-        f"Learning curves, GlaS train -> testA+testB, members {args.members}, input {args.size}, "
+        f"Learning curves, GlaS train -> "
+        f"{'the held-out train images' if getattr(args, 'score_on', 'test') == 'val' else 'testA+testB'}, "
+        f"members {args.members}, input {args.size}, "
         f"k={args.k} masks/round, {args.rounds} rounds, {args.init_epochs} base epochs, "
         f"{args.round_epochs} epochs/round, mask weight {args.mask_weight}, pseudo weight "
         f"{args.pseudo_weight}, seed {args.seed}"

@@ -412,3 +412,33 @@ def test_the_leftover_check_sees_an_orphan():
     while _alive(snapshot) and time.time() < deadline:
         time.sleep(0.1)
     assert not _alive(snapshot)
+
+
+USER_DOCS = ["README.md", "label_config/README.md", *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "docs").glob("*.md"))]  # fmt: skip
+
+
+def _links(text: str) -> list[str]:
+    """Relative link targets of a markdown text (images included), without their anchor."""
+    found = re.findall(r"\]\(([^)\s]+)\)", text)
+    return [t.split("#")[0] for t in found if not t.startswith(("http:", "https:", "mailto:", "#"))]
+
+
+def test_user_docs_links_resolve():
+    """Every relative link of the README and the docs pages names a file of the repository."""
+    broken = []
+    for doc in USER_DOCS:
+        path = ROOT / doc
+        for target in _links(path.read_text()):
+            if target and not (path.parent / target).exists():
+                broken.append(f"{doc}: {target}")
+    assert not broken, broken
+
+
+def test_readme_is_short_and_user_docs_name_no_issues():
+    """The README is an entry point (at most 250 lines; the rest lives in docs/ pages), and
+    user-facing pages speak of features, not of the issue tracker."""
+    readme = (ROOT / "README.md").read_text().splitlines()
+    assert len(readme) <= 250, f"README.md has {len(readme)} lines; move detail to docs/"
+    for doc in USER_DOCS:
+        hits = re.findall(r"\bissues? \d+", (ROOT / doc).read_text(), flags=re.IGNORECASE)
+        assert not hits, f"{doc} names {hits}"

@@ -35,7 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import loadavg, machine  # noqa: E402
 
-from wsl_models import cli, training  # noqa: E402
+from wsl_models import cli, decoder_training, training  # noqa: E402
 from wsl_models.data import (  # noqa: E402
     ImageDataset,
     class_balanced_weights,
@@ -51,6 +51,14 @@ STAGES = {
     "pixel_set": "_pixel_train_set",
     "decoders": "train_decoders",
     "calibration": "calibrate",
+}
+# Inside the decoder stage (reported apart: they are part of "decoders"): the seed plan (class
+# agreement and seed CAMs), the tap caches, the training loops (held-out scoring included) and
+# the held-out scoring alone.
+DECODER_STAGES = {
+    "plan": "plan_targets",
+    "taps": "cache_taps",
+    "training": "train_decoder",
 }
 
 
@@ -80,6 +88,15 @@ def train_once(data: str, seed: int, extra: list[str], keep: Path | None) -> dic
             if hasattr(training, name):
                 originals[name] = getattr(training, name)
                 setattr(training, name, _timed(times, stage, originals[name]))
+        inner: dict[str, float] = defaultdict(float)
+        for stage, name in DECODER_STAGES.items():
+            if hasattr(decoder_training, name):
+                originals[f"decoder.{name}"] = getattr(decoder_training, name)
+                setattr(decoder_training, name, _timed(inner, stage, originals[f"decoder.{name}"]))
+        held_score = getattr(decoder_training, "HeldOut", None)
+        if held_score is not None:
+            score = held_score.score
+            held_score.score = _timed(inner, "held_out_scoring", score)
         save = ModelStore.save
         ModelStore.save = _timed(times, "save", save)
         t0 = time.perf_counter()
@@ -88,7 +105,10 @@ def train_once(data: str, seed: int, extra: list[str], keep: Path | None) -> dic
         finally:
             wall = time.perf_counter() - t0
             for name, fn in originals.items():
-                setattr(training, name, fn)
+                module, _, attr = name.rpartition(".")
+                setattr(decoder_training if module else training, attr, fn)
+            if held_score is not None:
+                held_score.score = score
             ModelStore.save = save
         store = ModelStore(out)
         ensemble = store.load(None, device=torch.device("cpu"))
@@ -125,6 +145,7 @@ def train_once(data: str, seed: int, extra: list[str], keep: Path | None) -> dic
         "wall_seconds": wall,
         "stages_seconds": stages,
         "stage_share": {k: v / wall for k, v in stages.items()},
+        "decoder_stages_seconds": dict(inner),
         "members": members,
         "decoder_seconds": metrics.get("decoders", {}).get("seconds"),
         "val_accuracy": metrics.get("val_accuracy"),

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import shutil
@@ -106,7 +107,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--lr", type=float, default=0.003, help="TRAIN_LR")
     d.add_argument("--weights", default="none", help="TRAIN_WEIGHTS: none | imagenet | PATH")
     d.add_argument(
-        "--timeout", type=float, default=900, help="seconds to wait for Label Studio + training"
+        "--timeout",
+        type=float,
+        default=900,
+        help="seconds to wait for Label Studio + training (0: no limit)",
     )
     d.add_argument(
         "--no-wait",
@@ -255,7 +259,7 @@ class Demo:
     # ---------------------------------------------------------------------------------
     def setup(self) -> dict[str, Any]:
         args = self.args
-        self.deadline = time.time() + args.timeout
+        self.deadline = time.time() + args.timeout if args.timeout > 0 else math.inf
         ls_port = self._port(args.port, "--port")
         backend_port = self._port(args.backend_port, "--backend-port")
         self._prepare_workdir()
@@ -414,7 +418,7 @@ class Demo:
                  "--port", str(port), "--workers", "1"],
                 env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             )  # fmt: skip
-        wait_http(f"{self.backend_url}/health", min(self._left(), 180), self.backend)
+        wait_http(f"{self.backend_url}/health", self._left(), self.backend)
 
     def _wait_for_training(self, pid: int) -> str:
         job: dict = {}

@@ -14,6 +14,7 @@ import re
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import requests
@@ -100,7 +101,13 @@ class LabelStudio:
         self.pat: str | None = None
         self._client: LabelStudioClient | None = None
 
-    def start(self, timeout: float = 300) -> LabelStudio:
+    def start(
+        self,
+        timeout: float = 300,
+        wait: Callable[[str, subprocess.Popen], None] | None = None,
+    ) -> LabelStudio:
+        """Start and wait for /health: ``timeout`` seconds, or however ``wait(url, proc)``
+        waits (the tests wait while the server progresses, not for a fixed time)."""
         if not LS_BIN.exists():
             raise FileNotFoundError(
                 f"Label Studio not installed at {LS_BIN}: run `make labelstudio` "
@@ -129,7 +136,10 @@ class LabelStudio:
                 env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=self.detach,
             )  # fmt: skip
         try:
-            wait_http(f"{self.url}/health", timeout, self.proc)
+            if wait is None:
+                wait_http(f"{self.url}/health", timeout, self.proc)
+            else:
+                wait(f"{self.url}/health", self.proc)
             self.pat = self._create_pat()
         except BaseException:
             self.stop()

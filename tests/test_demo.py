@@ -15,7 +15,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -23,6 +22,8 @@ import requests
 
 from backend.local_label_studio import LS_BIN, login_session, port_in_use
 from backend.rle import rle_to_mask
+
+from .progress import descendants, wait_while_progressing
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,18 +44,23 @@ def test_demo_pre_annotates_a_project(tmp_path):
     workdir = tmp_path / "demo"
     proc = subprocess.Popen(
         [sys.executable, "-m", "backend.cli", "demo", "--port", "0", "--backend-port", "0",
-         "--workdir", str(workdir), "--count", "8", "--size", "96", "--timeout", "800"],
+         "--workdir", str(workdir), "--count", "8", "--size", "96", "--timeout", "0"],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=_lines, args=(proc.stdout, lines), daemon=True).start()
     printed: list[str] = []
     try:
-        deadline = time.time() + 840
-        while not any("press Ctrl-C" in line for line in printed):
-            line = lines.get(timeout=max(1.0, deadline - time.time()))
-            assert line is not None, "".join(printed)
-            printed.append(line)
+
+        def ready():  # the demo prints its URLs once the project is pre-annotated
+            while not lines.empty():
+                line = lines.get()
+                assert line is not None, "".join(printed)
+                printed.append(line)
+            return (True if any("press Ctrl-C" in x for x in printed) else None), len(printed)
+
+        # no time limit: the wait lasts while the demo (LS, backend, training) makes progress
+        wait_while_progressing(ready, proc.pid, "the demo", poll=1.0)
         output = "".join(printed)
         info = json.loads((workdir / "demo.json").read_text())
         ls, pid, version = info["label_studio"], info["project"], info["model_version"]
@@ -101,9 +107,12 @@ def test_demo_pre_annotates_a_project(tmp_path):
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGINT)  # Ctrl-C
-        try:
-            code = proc.wait(timeout=120)
-        except subprocess.TimeoutExpired:
+        try:  # the demo stops Label Studio and the backend, then exits
+            code = wait_while_progressing(
+                lambda: (proc.poll(), len(descendants(proc.pid))), proc.pid, "the demo to stop",
+                poll=0.5, must_live=False,
+            )  # fmt: skip
+        except BaseException:
             proc.kill()
             raise
     rest = []

@@ -19,14 +19,14 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import requests
 import yaml
 
-from .ls_harness import free_port, wait_http
+from .ls_harness import free_port
+from .progress import wait_http, wait_while_progressing
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent  # the venv running the tests stands for /opt/venv
@@ -316,6 +316,19 @@ def _alive(snapshot: dict[int, tuple[str, str]]) -> dict[int, str]:
     }
 
 
+def _wait_gone(snapshot: dict[int, tuple[str, str]], until=None) -> None:
+    """Wait while the processes of ``snapshot`` exit one after another, until ``until()`` or
+    until all are gone; fail, naming those left, when none has exited for STALL_S seconds (a
+    shutdown that stopped moving: a leftover's CPU use is not progress)."""
+
+    def check():
+        left = _alive(snapshot)
+        done = until() if until is not None else not left
+        return (True if done else None), sorted(left)
+
+    wait_while_progressing(check, lambda: [], "the processes to exit", poll=0.2, must_live=False)
+
+
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
 def test_start_command_serves_health_and_stops_without_leftovers(tmp_path):
     port = free_port()
@@ -346,7 +359,7 @@ def test_start_command_serves_health_and_stops_without_leftovers(tmp_path):
         )  # fmt: skip
     snapshot: dict[int, tuple[str, str]] = {}
     try:
-        wait_http(f"{url}/health", 180, proc)
+        wait_http(f"{url}/health", proc)
         assert requests.get(f"{url}/health", timeout=10).status_code == 401  # auth is on
         health = requests.get(f"{url}/health", auth=AUTH, timeout=10)
         assert health.status_code == 200, health.text
@@ -366,19 +379,18 @@ def test_start_command_serves_health_and_stops_without_leftovers(tmp_path):
 
         # gunicorn workers and the training worker are all below the master (`camlabel serve`
         # execs gunicorn in place, so the master keeps the pid).
-        deadline = time.time() + 60
-        while not any("backend.cli worker" in c for _, c in snapshot.values()):
-            assert time.time() < deadline, f"no training worker below the master: {snapshot}"
-            time.sleep(0.5)
-            snapshot = _descendants(proc.pid)
+        def worker_started():
+            found = _descendants(proc.pid)
+            started = any("backend.cli worker" in c for _, c in found.values())
+            return (found if started else None), sorted(found)
+
+        snapshot = wait_while_progressing(worker_started, proc.pid, "a training worker")
         assert "gunicorn" in _cmdline(proc.pid), _cmdline(proc.pid)
 
         proc.send_signal(signal.SIGTERM)  # what `docker stop` sends to PID 1
-        assert proc.wait(timeout=90) == 0
-        deadline = time.time() + 10
-        while _alive(snapshot) and time.time() < deadline:
-            time.sleep(0.2)
-        assert not _alive(snapshot), f"left behind: {_alive(snapshot)}"
+        _wait_gone(snapshot, until=lambda: proc.poll() is not None)  # the master first
+        assert proc.returncode == 0
+        _wait_gone(snapshot)
     except BaseException:
         print(log_path.read_text()[-5000:])
         raise
@@ -396,11 +408,9 @@ def test_the_leftover_check_sees_an_orphan():
     """The check above is not vacuous: a child that outlives its killed parent is reported."""
     parent = subprocess.Popen(["bash", "-c", "sleep 60 & wait"], start_new_session=True)
     try:
-        deadline = time.time() + 10
-        snapshot = _descendants(parent.pid)
-        while not snapshot and time.time() < deadline:
-            time.sleep(0.1)
-            snapshot = _descendants(parent.pid)
+        snapshot = wait_while_progressing(
+            lambda: (_descendants(parent.pid) or None, None), parent.pid, "bash to start sleep"
+        )
         assert any("sleep 60" in cmd for _, cmd in snapshot.values()), snapshot
         parent.kill()
         parent.wait(timeout=10)
@@ -408,10 +418,7 @@ def test_the_leftover_check_sees_an_orphan():
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(parent.pid, signal.SIGKILL)  # the orphan is still in the group
-    deadline = time.time() + 10
-    while _alive(snapshot) and time.time() < deadline:
-        time.sleep(0.1)
-    assert not _alive(snapshot)
+    _wait_gone(snapshot)
 
 
 USER_DOCS = ["README.md", "label_config/README.md", *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "docs").glob("*.md"))]  # fmt: skip

@@ -22,7 +22,8 @@ from backend.rle import mask_to_rle, rle_to_mask
 from wsl_models.synthetic import blob_image, make_dataset
 from wsl_models.versions import ModelStore
 
-from .ls_harness import LS_BIN, LabelStudio, free_port, wait_http
+from .ls_harness import LS_BIN, LabelStudio, free_port
+from .progress import children, wait_http, wait_while_progressing
 
 ROOT = Path(__file__).resolve().parents[1]
 # finding_normal.xml plus keypoints (clicks as training data)
@@ -39,7 +40,7 @@ def label_studio(tmp_path_factory):
         pytest.fail(
             f"Label Studio not installed at {LS_BIN}: run `make test` (it installs .lsvenv)"
         )
-    ls = LabelStudio(tmp_path_factory.mktemp("ls")).start()
+    ls = LabelStudio(tmp_path_factory.mktemp("ls")).start(wait=wait_http)
     yield ls
     ls.stop()
 
@@ -95,7 +96,7 @@ def backend(label_studio, base_model, tmp_path_factory):
     )
     plain = f"http://127.0.0.1:{port}"
     url = f"http://ls-backend:e2e-basic-pass@127.0.0.1:{port}"  # requests sends it as basic auth
-    wait_http(f"{url}/health", 60, proc)
+    wait_http(f"{url}/health", proc)
     assert requests.get(f"{plain}/health", timeout=5).status_code == 401
     yield SimpleNamespace(url=url, plain_url=plain, model_dir=env["MODEL_DIR"], pid=proc.pid,
                           env=env, base=ModelStore(base_model).current_id())  # fmt: skip
@@ -113,44 +114,9 @@ def _connect(ls, server, pid: int, *extra: str) -> subprocess.CompletedProcess:
     )  # fmt: skip
 
 
-# How long neither the backend's answers nor its CPU time may move before a wait fails: a
-# wait lasts as long as training keeps working, however slow the machine.
-STALL_S = 120.0
-
-
-def _cpu_seconds(pid: int) -> tuple[float, bool]:
-    """(CPU seconds used by ``pid`` and its descendants, whether ``pid`` itself still runs)."""
-    total, alive, todo = 0.0, False, [pid]
-    tick = os.sysconf("SC_CLK_TCK")
-    while todo:
-        p = todo.pop()
-        try:
-            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        alive |= p == pid and fields[0] != "Z"
-        total += (int(fields[11]) + int(fields[12])) / tick
-        todo += _children(p)
-    return total, alive
-
-
 def _wait_while_progressing(server: SimpleNamespace, check, what: str, poll: float):
-    """Poll ``check()`` -> (result or None, state) until a result comes. Fails when the backend
-    process has died, or when for STALL_S seconds neither the state changed nor the backend's
-    processes used 2 CPU seconds (a working trainer uses about one per second and core)."""
-    last_state, last_cpu, since = object(), -1.0, time.monotonic()
-    while True:
-        result, state = check()
-        if result is not None:
-            return result
-        cpu, alive = _cpu_seconds(server.pid)
-        if not alive:
-            raise AssertionError(f"{what}: the backend process died: {state}")
-        if state != last_state or cpu - last_cpu >= 2.0:
-            last_state, last_cpu, since = state, cpu, time.monotonic()
-        elif time.monotonic() - since > STALL_S:
-            raise TimeoutError(f"{what}: no progress for {STALL_S:.0f} s: {state}")
-        time.sleep(poll)
+    """Wait on ``check`` while the backend (the gunicorn master and all below it) works."""
+    return wait_while_progressing(check, server.pid, what, poll=poll)
 
 
 def _wait_for_training(server: SimpleNamespace, project: int, previous: str | None) -> str:
@@ -558,11 +524,6 @@ def _a_second_project_with_other_classes(ls, server, pid_a: int, v_a: str, tmp_p
     assert nxt.status_code == 200 and nxt.json()["id"] == lowest
 
 
-def _children(pid: int) -> list[int]:
-    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
-    return [int(p) for p in out.split()]
-
-
 def _kill_9_mid_training(ls, server, pid: int, current: str, task_id: int, label: str) -> None:
     """kill -9 the trainer mid-job and a web worker: serving goes on with the current version,
     the master restarts the trainer, the job is retried and trains on every annotation,
@@ -581,8 +542,8 @@ def _kill_9_mid_training(ls, server, pid: int, current: str, task_id: int, label
 
     job = _wait_while_progressing(server, running, "the job to start", poll=0.1)
     trainer = job["worker_pid"]
-    web_workers = [p for p in _children(server.pid) if p != trainer]
-    assert trainer in _children(server.pid) and len(web_workers) == 2
+    web_workers = [p for p in children(server.pid) if p != trainer]
+    assert trainer in children(server.pid) and len(web_workers) == 2
     os.kill(trainer, signal.SIGKILL)
     os.kill(web_workers[0], signal.SIGKILL)
 
@@ -599,7 +560,7 @@ def _kill_9_mid_training(ls, server, pid: int, current: str, task_id: int, label
     assert job["attempt"] == 2 and job["worker_pid"] != trainer, job
     source = requests.get(f"{server.url}/versions/{version}", timeout=5).json()["metrics"]["source"]
     assert version != current and source["labelled"] == 16  # the new annotation is in
-    assert trainer not in _children(server.pid)
+    assert trainer not in children(server.pid)
 
 
 def test_smart_tools_re_segment_through_label_studio(label_studio, backend, tmp_path):

@@ -37,10 +37,16 @@ def _image_label(results: list[dict], schema: Any) -> str:
     return brushes.pop() if len(brushes) == 1 else ""
 
 
-def _results(task: dict, review_label: str = "") -> list[dict]:
-    """The results of the task's latest annotation, without ``review_label`` brush regions."""
+def _results(task: dict, schema: Any, review_label: str = "") -> list[dict]:
+    """The results of the task's latest annotation, without ``review_label`` brush regions
+    and without the explanation control's regions (the models' maps, never training data)."""
     annotation = _latest_annotation(task)
     results = annotation.get("result", []) if annotation else []
+    if schema.explanation_name:
+        results = [
+            r for r in results
+            if not (isinstance(r, dict) and r.get("from_name") == schema.explanation_name)
+        ]  # fmt: skip
     if review_label:
         results = [r for r in results if review_label not in _brush_labels(r)]
     return results
@@ -49,7 +55,7 @@ def _results(task: dict, review_label: str = "") -> list[dict]:
 def annotated_labels(tasks: list[dict], label_config: str, review_label: str = "") -> set[str]:
     """The image labels the tasks' latest annotations give (before any image is fetched)."""
     schema = parse_label_config(label_config)
-    return {_image_label(_results(task, review_label), schema) for task in tasks} - {""}
+    return {_image_label(_results(task, schema, review_label), schema) for task in tasks} - {""}
 
 
 # KeyPointLabels labels that mark background (a negative click); any other keypoint label is
@@ -96,7 +102,8 @@ def collect_dataset(
     """Write tasks as a dataset (images/, masks/, labels.csv) under ``out``.
 
     Brush regions labelled ``review_label`` (the "review here" layer an annotator may have
-    submitted along with the mask) are not part of any mask or label.
+    submitted along with the mask) and the explanation control's regions are not part of any
+    mask or label.
 
     Per task whatever exists: the image label (Choices, or the single brush label used), a
     human mask (union of the BrushLabels regions), clicks (KeyPointLabels results, written as
@@ -113,7 +120,7 @@ def collect_dataset(
               "unlabelled": 0, "skipped": 0}  # fmt: skip
     work = [(t, True) for t in tasks] + [(t, False) for t in unlabelled or []]
     for task, annotated in work:
-        results = _results(task, review_label) if annotated else []
+        results = _results(task, schema, review_label) if annotated else []
         label = _image_label(results, schema)
         brush = [
             r for r in results if r.get("type") == "brushlabels" and r.get("value", {}).get("rle")

@@ -60,6 +60,7 @@ def create_app(settings: Settings | None = None, queue: TrainingQueue | None = N
     settings = settings or Settings.from_env()
     if settings.review_label:
         settings.review_band_values  # noqa: B018  (a malformed REVIEW_BAND fails the start)
+    settings.explain_level_values  # noqa: B018  (a malformed EXPLAIN_LEVELS fails the start)
     if settings.box_prior not in ("box", "map"):
         raise ValueError(f"BOX_PRIOR must be box or map, not {settings.box_prior!r}")
     app = Flask("camlabel")

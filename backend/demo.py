@@ -180,7 +180,11 @@ def label_config_for(classes: list[str], path: str | None = None) -> tuple[str, 
         if missing:
             raise DemoError(f"{path}: its <Choices> lack the classes {sorted(missing)}")
         return xml, path
-    for candidate in sorted((ROOT / "label_config").glob("*.xml")):
+    # explain.xml first: the demo shows what each model saw.
+    ready = sorted(
+        (ROOT / "label_config").glob("*.xml"), key=lambda p: (p.name != "explain.xml", p.name)
+    )
+    for candidate in ready:
         xml = candidate.read_text()
         if set(parse_label_config(xml).choices) == set(classes):
             return xml, str(candidate.relative_to(ROOT))

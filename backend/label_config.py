@@ -6,6 +6,10 @@ from dataclasses import dataclass
 
 from label_studio_sdk.label_interface import LabelInterface
 
+# The name of the optional <BrushLabels> that shows what each model saw (label_config/README.md):
+# its regions come from the backend and are never training data.
+EXPLANATION_CONTROL = "explanation"
+
 
 class LabelConfigError(ValueError):
     pass
@@ -19,6 +23,8 @@ class ProjectSchema:
     brush_labels: tuple[str, ...]
     choices_name: str | None  # <Choices name=...>: the image-level class
     choices: tuple[str, ...]
+    explanation_name: str | None = None  # <BrushLabels name="explanation">: model layers
+    explanation_labels: tuple[str, ...] = ()
 
     def label_for(
         self, model_class: str, options: tuple[str, ...], mapping: dict[str, str]
@@ -49,9 +55,9 @@ def parse_label_config(xml: str) -> ProjectSchema:
     if not images:
         raise LabelConfigError("the label config has no <Image> object")
     image = images[0]
-    brush = next(
-        (c for c in interface.controls if c.tag == "BrushLabels" and image.name in c.to_name), None
-    )
+    brushes = [c for c in interface.controls if c.tag == "BrushLabels" and image.name in c.to_name]
+    brush = next((c for c in brushes if c.name != EXPLANATION_CONTROL), None)
+    explanation = next((c for c in brushes if c.name == EXPLANATION_CONTROL), None)
     choices = next(
         (c for c in interface.controls if c.tag == "Choices" and image.name in c.to_name), None
     )
@@ -68,4 +74,6 @@ def parse_label_config(xml: str) -> ProjectSchema:
         brush_labels=tuple(brush.labels) if brush else (),
         choices_name=choices.name if choices else None,
         choices=tuple(choices.labels) if choices else (),
+        explanation_name=explanation.name if explanation else None,
+        explanation_labels=tuple(explanation.labels) if explanation else (),
     )

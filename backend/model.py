@@ -14,10 +14,12 @@ from PIL import Image
 
 from wsl_models import refine
 from wsl_models.acquisition import acquisition, score_from_value
-from wsl_models.ensemble import EnsembleOutput
+from wsl_models.ensemble import EnsembleOutput, ImageMasks
+from wsl_models.explanation import explanation_layers, flag_reasons, member_votes
 from wsl_models.images import to_tensor
 from wsl_models.masks import review_region
 
+from .explain import layer_label
 from .fetch import FetchError, ImageFetcher
 from .holder import Served
 from .inference import InferenceEngine
@@ -192,6 +194,31 @@ class CamLabelModel:
         return self._region(name, "brushlabels", value, score, original_width=width,
                             original_height=height, image_rotation=0)  # fmt: skip
 
+    def _explanation(
+        self, out: EnsembleOutput, masks: ImageMasks, size: tuple[int, int], score: float
+    ) -> list[dict]:
+        """The explanation control's regions: each agreeing member's map and the consensus at
+        EXPLAIN_LEVELS, each with a note of whose map it is and what that member said."""
+        schema, cfg = self.schema, self.ensemble.config
+        keys = out.member_keys
+        votes = {v.member: v for v in member_votes(out, 0, cfg.classes)}
+        source = self.ensemble.config.map_source
+        regions = []
+        for layer in explanation_layers(masks, self.settings.explain_level_values):
+            label = layer_label(layer.source, keys, schema.explanation_labels)
+            if label is None:
+                continue
+            vote = votes.get(layer.source)
+            said = f"; it says {vote.label} {vote.probability:.2f}" if vote else ""
+            whose = "the agreeing models' overlap" if vote is None else f"{layer.source}'s"
+            region = self._brush(schema.explanation_name, label, layer.mask, size, score)
+            region["meta"] = {"text": [
+                f"camlabel explanation, {label}: {whose} {source} map of "
+                f"{cfg.classes[masks.label]} >= {layer.level:.2f}{said}"
+            ]}  # fmt: skip
+            regions.append(region)
+        return regions
+
     def _task_result(self, out: EnsembleOutput, size: tuple[int, int], acq_value: float) -> dict:
         """The regions of one image (``out`` holds that image alone) at its displayed size."""
         schema, ensemble = self.schema, self.ensemble
@@ -220,14 +247,19 @@ class CamLabelModel:
                     regions.append(self._brush(schema.brush_name, review, unsure, size, confidence))
         unc = {k: float(v[0]) for k, v in out.uncertainty.items()}
         flagged = bool(out.flagged[0])
+        reasons = flag_reasons(out, 0, cfg.classes, cfg.review_measure, cfg.review_threshold)
+        why = f"please review ({'; '.join(reasons)}): " if flagged and reasons else ""
         # Visible in the region panel: why this task was ranked where it is.
         note = (
-            f"camlabel: {'please review: ' if flagged else ''}confidence {confidence:.2f}, "
-            f"{self.acquisition} {acq_value:.2f}, entropy {unc['entropy']:.2f}, "
-            f"BALD {unc['bald']:.3f}, {len(masks.agreeing)}/{len(cfg.members)} models agree"
+            f"camlabel: {why or ('please review: ' if flagged else '')}"
+            f"confidence {confidence:.2f}, {self.acquisition} {acq_value:.2f}, "
+            f"entropy {unc['entropy']:.2f}, BALD {unc['bald']:.3f}, "
+            f"{len(masks.agreeing)}/{len(cfg.members)} models agree"
         )
         for r in regions:
             r["meta"] = {"text": [note]}
+        if schema.explanation_name:
+            regions += self._explanation(out, masks, size, confidence)
         return {
             "result": regions,
             # Label Studio serves the lowest score first: score = 1 - acquisition value.

@@ -70,6 +70,8 @@ class Settings:
     # answer worse (mean gland IoU 0.40 vs 0.56; bench/interactive_quality.py).
     box_prior: str = "box"
     review_band: str = "0.3,0.7"
+    # EXPLAIN_LEVELS: the map levels each explanation layer is drawn at (label_config/README.md).
+    explain_levels: str = "0.25,0.5,0.75"
     # MAX_LOADED_LINES: project lines a worker keeps loaded (the base model's is always kept);
     # past it, the line least recently asked for is dropped from memory, and its next request
     # waits while it loads back. 0: no limit.
@@ -84,6 +86,19 @@ class Settings:
         if not 0 <= low < high <= 1:
             raise ValueError(f"REVIEW_BAND needs 0 <= low < high <= 1, got {self.review_band!r}")
         return low, high
+
+    @property
+    def explain_level_values(self) -> tuple[float, ...]:
+        try:
+            levels = tuple(float(v) for v in self.explain_levels.split(","))
+        except ValueError as exc:
+            raise ValueError(
+                f"EXPLAIN_LEVELS must be levels in (0, 1] separated by commas, "
+                f"got {self.explain_levels!r}"
+            ) from exc
+        if not all(0 < v <= 1 for v in levels):
+            raise ValueError(f"EXPLAIN_LEVELS must lie in (0, 1], got {self.explain_levels!r}")
+        return levels
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -113,5 +128,6 @@ class Settings:
             review_label=_env("REVIEW_LABEL"),
             box_prior=_env("BOX_PRIOR", cls.box_prior).lower(),
             review_band=_env("REVIEW_BAND", cls.review_band),
+            explain_levels=_env("EXPLAIN_LEVELS", cls.explain_levels),
             max_loaded_lines=int(_env("MAX_LOADED_LINES", str(cls.max_loaded_lines))),
         )

@@ -87,6 +87,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     )
     t.add_argument("--decoder-epochs", type=int, default=TrainConfig.decoder_epochs)
     t.add_argument(
+        "--decoder-steps",
+        type=int,
+        default=TrainConfig.decoder_steps,
+        help="at most this many optimizer steps per decoder (0: no cap)",
+    )
+    t.add_argument(
         "--output-stride",
         type=int,
         default=32,
@@ -173,6 +179,7 @@ def _train(args: argparse.Namespace) -> int:
     )
     cfg = TrainConfig(
         decoder_epochs=args.decoder_epochs,
+        decoder_steps=args.decoder_steps,
         decoder_seeding=args.seeding,
         decoder_seed_scales=tuple(float(v) for v in args.seed_scales.split(",") if v),
         decoder_select=args.decoder_select,

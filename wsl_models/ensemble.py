@@ -180,6 +180,11 @@ class EnsembleOutput:
         return self.probs.gather(1, self.label[:, None]).squeeze(1)
 
 
+def disagreement_floor(members: int) -> int:
+    """Fewer members than this agreeing with the ensemble's class flags an image."""
+    return min(2, members)
+
+
 @dataclass
 class ImageMasks:
     """Maps and masks of one image at its original size for the ensemble's class."""
@@ -309,8 +314,7 @@ class Ensemble:
         pooled_samples = mc_probs.flatten(0, 1)  # members x samples, a bigger "ensemble"
         unc = {name: fn(pooled_samples) for name, fn in MEASURES.items()}
         unc["disagreement"] = member_disagreement(member_probs)
-        need = min(2, len(self.members))
-        flagged = agree.sum(dim=0) < need
+        flagged = agree.sum(dim=0) < disagreement_floor(len(self.members))
         if cfg.review_threshold is not None:
             flagged |= unc[cfg.review_measure] > cfg.review_threshold
         emb = torch.cat(embeddings, dim=1) / len(embeddings) ** 0.5

@@ -1,0 +1,97 @@
+"""What each member saw and why an image was flagged, as plain data for any front end.
+
+A pre-annotation is the overlap of the maps of the members that agree on the class. When it
+is wrong, an annotator needs to see whether every member looked at the wrong place or one
+member disagreed; a reviewer needs to know why the image was flagged. Nothing here knows
+Label Studio: the backend draws the layers as brush regions and the reasons as a note.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from .ensemble import EnsembleOutput, ImageMasks, disagreement_floor
+
+CONSENSUS = "consensus"
+DEFAULT_LEVELS = (0.25, 0.5, 0.75)
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One level of one map: where ``source`` (a member key, or CONSENSUS) is >= ``level``."""
+
+    source: str
+    level: float
+    mask: np.ndarray  # (H, W) bool
+
+
+def nested_levels(prob: np.ndarray, levels: Sequence[float]) -> list[tuple[float, np.ndarray]]:
+    """``prob >= t`` for each level, lowest first, the empty ones left out.
+
+    Each region lies inside the one below it by construction, so translucent regions drawn
+    on top of each other darken where the map is high: a few smooth regions (a small RLE)
+    instead of a dense heat map."""
+    out = []
+    for t in sorted(set(float(v) for v in levels)):
+        region = prob >= t
+        if region.any():
+            out.append((t, region))
+    return out
+
+
+def explanation_layers(masks: ImageMasks, levels: Sequence[float] = DEFAULT_LEVELS) -> list[Layer]:
+    """Every agreeing member's map (the one its mask was made from) and the consensus, as
+    nested levels. None where the class gets no masks, nor for members that disagree."""
+    if not masks.wanted or not masks.agreeing:
+        return []
+    maps = [(name, masks.member_maps[name]) for name in masks.agreeing]
+    maps.append((CONSENSUS, masks.intersection_map))
+    return [
+        Layer(name, level, region)
+        for name, prob in maps
+        for level, region in nested_levels(prob, levels)
+    ]
+
+
+@dataclass(frozen=True)
+class Vote:
+    member: str
+    label: str  # the member's own class
+    probability: float  # its probability of that class (mean of the MC samples)
+
+
+def member_votes(out: EnsembleOutput, index: int, classes: Sequence[str]) -> list[Vote]:
+    """What each member said about image ``index``."""
+    probs = out.member_probs[:, index]  # (M, C)
+    return [
+        Vote(name, classes[int(p.argmax())], float(p.max()))
+        for name, p in zip(out.member_keys, probs, strict=True)
+    ]
+
+
+def flag_reasons(
+    out: EnsembleOutput,
+    index: int,
+    classes: Sequence[str],
+    review_measure: str,
+    review_threshold: float | None,
+) -> list[str]:
+    """Why image ``index`` was flagged for review (empty when it was not), in words: the
+    same two tests as ``Ensemble.predict``, with which member said what."""
+    reasons = []
+    agree = int(out.agree[:, index].sum())
+    if agree < disagreement_floor(len(out.member_keys)):
+        said = "; ".join(f"{v.member}: {v.label} {v.probability:.2f}" for v in
+                         member_votes(out, index, classes))  # fmt: skip
+        reasons.append(f"the models disagree on the class ({said})")
+    if review_threshold is not None:
+        value = float(out.uncertainty[review_measure][index])
+        if value > review_threshold:
+            reasons.append(
+                f"{review_measure} {value:.2f} is above the calibrated review threshold "
+                f"{review_threshold:.2f}"
+            )
+    return reasons

@@ -619,3 +619,80 @@ def test_smart_tools_re_segment_through_label_studio(label_studio, backend, tmp_
         else:
             assert mask[int(cy), int(cx)]
     assert len(ls.api("GET", "/api/predictions", params={"project": pid}).json()) == before
+
+
+def test_explanation_layers_through_label_studio(label_studio, backend, tmp_path):
+    """A project with label_config/explain.xml: Label Studio's predictions hold each agreeing
+    member's layers at the image's displayed size; an annotation submitted with them as they
+    came (the annotator accepted the pre-annotation) is collected for training exactly as one
+    without them."""
+    from backend.annotations import collect_dataset
+    from backend.fetch import ImageFetcher
+    from backend.ls_api import LabelStudioAPI
+    from backend.settings import Settings
+
+    ls, server = label_studio, backend
+    config = (ROOT / "label_config" / "explain.xml").read_text()
+    r = ls.api("POST", "/api/projects", json={"title": "camlabel explain", "label_config": config})
+    assert r.status_code == 201, r.text
+    pid = r.json()["id"]
+    rng = np.random.default_rng(11)
+    for name in ("a", "b"):  # the same finding twice: one task per way of submitting it
+        Image.fromarray(blob_image(np.random.default_rng(12), (96, 128), 1)[0]).save(
+            tmp_path / f"{name}.png"
+        )
+    Image.fromarray(blob_image(rng, (96, 128), 0)[0]).save(tmp_path / "normal.png")
+    for name in ("a.png", "b.png", "normal.png"):
+        r = ls.api("POST", f"/api/projects/{pid}/import",
+                   files={name: (tmp_path / name).open("rb")})  # fmt: skip
+        assert r.status_code == 201, r.text
+    assert _connect(ls, server, pid).returncode == 0
+    r = ls.api("POST", "/api/dm/actions", params={"id": "retrieve_tasks_predictions", "project": pid},
+               json={"selectedItems": {"all": True, "excluded": []}})  # fmt: skip
+    assert r.status_code == 200, r.text
+    preds = ls.api("GET", "/api/predictions", params={"project": pid}).json()
+    assert len(preds) == 3
+    layered = 0
+    for p in preds:
+        layers = [x for x in p["result"] if x["from_name"] == "explanation"]
+        note = p["result"][0]["meta"]["text"][0] if p["result"] else ""
+        masked = any(x["from_name"] == "mask" for x in p["result"])
+        if not layers:
+            assert not masked  # no mask, nothing to explain (a normal image)
+            continue
+        layered += 1
+        agreeing = int(note.split(" models agree")[0].rsplit(" ", 1)[1].split("/")[0])
+        labels = {x["value"]["brushlabels"][0] for x in layers}
+        members = labels - {"consensus"}
+        assert len(members) == agreeing and members <= {"model 1", "model 2"}
+        assert "consensus" in labels
+        for x in layers:
+            assert (x["original_width"], x["original_height"]) == (128, 96)
+            assert rle_to_mask(x["value"]["rle"], 96, 128).any()
+    assert layered >= 1
+    tasks = {t["data"]["image"].rsplit("-", 1)[-1]: t for t in
+             ls.api("GET", "/api/tasks", params={"project": pid}).json()["tasks"]}  # fmt: skip
+    pred_a = next(p for p in preds if p["task"] == tasks["a.png"]["id"])
+    assert any(x["from_name"] == "explanation" for x in pred_a["result"])
+    choice = {"from_name": "diagnosis", "to_name": "image", "type": "choices",
+              "value": {"choices": ["finding"]}}  # fmt: skip
+    mask = next(x for x in pred_a["result"] if x["from_name"] == "mask")
+    layers = [x for x in pred_a["result"] if x["from_name"] == "explanation"]
+    submitted = {"a.png": [choice, mask, *layers], "b.png": [choice, mask]}
+    for name, result in submitted.items():
+        kept = [{k: v for k, v in x.items() if k not in ("id", "score", "meta")} for x in result]
+        r = ls.api("POST", f"/api/tasks/{tasks[name]['id']}/annotations", json={"result": kept})
+        assert r.status_code == 201, r.text
+    settings = Settings(label_studio_url=ls.url, label_studio_api_key=ls.pat)
+    annotated = LabelStudioAPI(settings).annotated_tasks(pid)
+    back = {t["id"]: t for t in annotated}
+    stored = back[tasks["a.png"]["id"]]["annotations"][0]["result"]
+    assert sum(x["from_name"] == "explanation" for x in stored) == len(layers)  # kept by LS
+    counts = collect_dataset(annotated, config, ImageFetcher(settings), tmp_path / "data")
+    assert (counts["used"], counts["labelled"], counts["masks"]) == (2, 2, 2)
+    ids = {name: tasks[name]["id"] for name in submitted}
+    rows = (tmp_path / "data" / "labels.csv").read_text().splitlines()
+    assert sorted(rows[1:]) == sorted(f"task_{i}.png,finding,train" for i in ids.values())
+    a, b = (np.asarray(Image.open(tmp_path / "data" / "masks" / f"task_{ids[n]}.png"))
+            for n in ("a.png", "b.png"))  # fmt: skip
+    assert np.array_equal(a, b) and a.any()

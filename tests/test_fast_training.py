@@ -143,9 +143,11 @@ def test_banked_ensemble_learns_disks_and_fine_tunes_with_masks(disks):
 def test_decoder_schedule_caps_steps_not_small_sets():
     from wsl_models.decoder_training import decoder_epochs
 
-    cfg = TrainConfig()  # 60 epochs, at most 300 steps of 16 images
-    assert decoder_epochs(cfg, 72) == 60  # GlaS's 72 training images: 5 batches, unchanged
-    assert decoder_epochs(cfg, 313) == 15  # LGG: 20 batches, the same 300 steps
+    cfg = TrainConfig()  # 60 epochs, at most 150 steps of 16 images
+    assert decoder_epochs(cfg, 40) == 50  # 3 batches: 150 steps
+    assert decoder_epochs(cfg, 20) == 60  # 2 batches: the epochs come first
+    assert decoder_epochs(cfg, 76) == 30  # GlaS's 76 training images: 5 batches
+    assert decoder_epochs(cfg, 313) == 8  # LGG: 20 batches, the same 150 steps
     assert decoder_epochs(cfg, 10_000) == 1
     assert decoder_epochs(TrainConfig(decoder_steps=0), 313) == 60
     assert decoder_epochs(TrainConfig(decoder_epochs=8), 313) == 8

@@ -334,9 +334,9 @@ def decoder_probs(member: Member, taps: list[torch.Tensor], batch_size: int = 32
 def decoder_epochs(cfg: TrainConfig, images: int) -> int:
     """``cfg.decoder_epochs``, fewer where ``cfg.decoder_steps`` optimizer steps come first.
 
-    The default schedule (60 epochs) was set on GlaS's 72 training images: 5 batches, 300
-    steps. A 300-image project gets the same 300 steps in 15 epochs instead of 1200 steps
-    (the decoder stage would otherwise grow with the project, 4x on LGG's 313 images).
+    The decoder stage would otherwise grow with the project: the default 150 steps are 30
+    epochs of GlaS's 76 training images (5 batches) and 8 of LGG's 313 (20 batches), instead
+    of 60 epochs each (1200 steps on LGG).
     """
     if cfg.decoder_steps <= 0:
         return cfg.decoder_epochs

@@ -55,7 +55,7 @@ def base_model(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("base_model")
     train = subprocess.run(
         [sys.executable, "-m", "backend.cli", "train", "--data", str(data), "--out", str(out),
-         "--members", "tiny,tiny", "--image-size", "96", "--weights", "none", "--epochs", "15",
+         "--members", "tiny,tiny", "--image-size", "96", "--weights", "none", "--epochs", "30",
          "--lr", "0.003", "--mask-classes", "finding"],
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip

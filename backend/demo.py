@@ -37,7 +37,7 @@ from PIL import Image
 
 from wsl_models.synthetic import blob_image
 
-from .label_config import parse_label_config
+from .label_config import EXPLANATION_CONTROL, parse_label_config
 from .local_label_studio import (
     EMAIL,
     PASSWORD,
@@ -452,7 +452,10 @@ def _check(r: requests.Response, what: str) -> requests.Response:
 
 
 def _has_brush(prediction: dict) -> bool:
+    """A mask to look at (the explanation layers alone are not one)."""
     return any(
-        r.get("type") == "brushlabels" and r.get("value", {}).get("rle")
+        r.get("type") == "brushlabels"
+        and r.get("from_name") != EXPLANATION_CONTROL
+        and r.get("value", {}).get("rle")
         for r in prediction.get("result", [])
     )

@@ -86,7 +86,7 @@ def test_demo_pre_annotates_a_project(tmp_path):
         preds = s.get(f"{ls}/api/predictions", params={"project": pid}, timeout=30).json()
         preds = [p for p in preds if p["model_version"] == version]
         assert sorted(p["task"] for p in preds) == sorted(t["id"] for t in tasks)
-        brushed = {}
+        brushed, layers = {}, set()
         for p in preds:
             assert 0.0 <= p["score"] <= 1.0
             for r in p["result"]:
@@ -94,9 +94,13 @@ def test_demo_pre_annotates_a_project(tmp_path):
                     mask = rle_to_mask(r["value"]["rle"], r["original_height"],
                                        r["original_width"])  # fmt: skip
                     assert mask.shape == (96, 96) and mask.any()
-                    assert r["value"]["brushlabels"] == ["finding"]
+                    if r["from_name"] == "explanation":  # label_config/explain.xml's layers
+                        layers |= set(r["value"]["brushlabels"])
+                        continue
+                    assert r["from_name"] == "mask" and r["value"]["brushlabels"] == ["finding"]
                     brushed[p["task"]] = mask
         assert info["task"] in brushed
+        assert "consensus" in layers and layers <= {"model 1", "model 2", "consensus"}
         shown = next(t for t in tasks if t["id"] == info["task"])
         assert shown["total_annotations"] == 0  # a task the annotator has yet to do
 

@@ -15,6 +15,8 @@ from typing import Any
 from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException
 
+from wsl_models.explanation import STYLES as EXPLAIN_STYLES
+
 from .fetch import ImageFetcher
 from .holder import ModelHolder
 from .inference import InferenceEngine
@@ -61,6 +63,10 @@ def create_app(settings: Settings | None = None, queue: TrainingQueue | None = N
     if settings.review_label:
         settings.review_band_values  # noqa: B018  (a malformed REVIEW_BAND fails the start)
     settings.explain_level_values  # noqa: B018  (a malformed EXPLAIN_LEVELS fails the start)
+    if settings.explain_style not in EXPLAIN_STYLES:
+        raise ValueError(
+            f"EXPLAIN_STYLE must be one of {EXPLAIN_STYLES}, not {settings.explain_style!r}"
+        )
     if settings.box_prior not in ("box", "map"):
         raise ValueError(f"BOX_PRIOR must be box or map, not {settings.box_prior!r}")
     app = Flask("camlabel")

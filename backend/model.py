@@ -204,7 +204,8 @@ class CamLabelModel:
         votes = {v.member: v for v in member_votes(out, 0, cfg.classes)}
         source = self.ensemble.config.map_source
         regions = []
-        for layer in explanation_layers(masks, self.settings.explain_level_values):
+        levels, style = self.settings.explain_level_values, self.settings.explain_style
+        for layer in explanation_layers(masks, levels, style):
             label = layer_label(layer.source, keys, schema.explanation_labels)
             if label is None:
                 continue
@@ -258,8 +259,8 @@ class CamLabelModel:
         )
         for r in regions:
             r["meta"] = {"text": [note]}
-        if schema.explanation_name:
-            regions += self._explanation(out, masks, size, confidence)
+        if schema.explanation_name:  # listed first: Label Studio draws the first region on top
+            regions = self._explanation(out, masks, size, confidence) + regions
         return {
             "result": regions,
             # Label Studio serves the lowest score first: score = 1 - acquisition value.

@@ -70,8 +70,12 @@ class Settings:
     # answer worse (mean gland IoU 0.40 vs 0.56; bench/interactive_quality.py).
     box_prior: str = "box"
     review_band: str = "0.3,0.7"
-    # EXPLAIN_LEVELS: the map levels each explanation layer is drawn at (label_config/README.md).
-    explain_levels: str = "0.25,0.5,0.75"
+    # EXPLAIN_LEVELS: the map levels each explanation layer is drawn at (label_config/README.md);
+    # each level adds a region per layer (on GlaS about 35 KB of RLE each: docs/speed.md).
+    explain_levels: str = "0.5"
+    # EXPLAIN_STYLE: "outline" (each level's contour: members stay apart where they overlap) or
+    # "fill" (nested translucent regions, a heat map; Label Studio draws them nearly opaque).
+    explain_style: str = "outline"
     # MAX_LOADED_LINES: project lines a worker keeps loaded (the base model's is always kept);
     # past it, the line least recently asked for is dropped from memory, and its next request
     # waits while it loads back. 0: no limit.
@@ -129,5 +133,6 @@ class Settings:
             box_prior=_env("BOX_PRIOR", cls.box_prior).lower(),
             review_band=_env("REVIEW_BAND", cls.review_band),
             explain_levels=_env("EXPLAIN_LEVELS", cls.explain_levels),
+            explain_style=_env("EXPLAIN_STYLE", cls.explain_style).lower(),
             max_loaded_lines=int(_env("MAX_LOADED_LINES", str(cls.max_loaded_lines))),
         )

@@ -42,13 +42,17 @@ def main() -> None:
     p.add_argument(
         "--label-map", default="", help="LABEL_MAP, e.g. benign=finding,malignant=finding"
     )
+    p.add_argument("--levels", default=Settings.explain_levels, help="EXPLAIN_LEVELS")
+    p.add_argument("--style", default=Settings.explain_style, help="EXPLAIN_STYLE")
     p.add_argument("--out", default="bench/results/explanation_cost.json")
     args = p.parse_args()
     configs = {
         name: (CONFIGS / f"{name}.xml").read_text().replace('"finding"', json.dumps(args.label))
         for name in ("finding_normal", "explain")
     }
-    client = create_app(Settings(model_dir=args.model, label_map=args.label_map)).test_client()
+    settings = Settings(model_dir=args.model, label_map=args.label_map,
+                        explain_levels=args.levels, explain_style=args.style)  # fmt: skip
+    client = create_app(settings).test_client()
     samples = load_dataset(args.data).split(args.split)[: args.images]
     rows = []
     for i, s in enumerate(samples):
@@ -85,6 +89,7 @@ def main() -> None:
         ),
     }
     out = {"machine": machine(), "loadavg": loadavg(), "model": args.model,
+           "levels": args.levels, "style": args.style,
            "data": args.data, "summary": summary, "rows": rows}  # fmt: skip
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=1))

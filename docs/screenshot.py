@@ -100,7 +100,24 @@ READY = """(() => {
 })()"""
 
 
-def screenshot(info: dict, out: Path, binary: str, width: int, height: int, wait: float) -> None:
+# Hide the regions of the given labels (the eye icon of each), through the labeling UI's store.
+HIDE = """(labels => {
+  const regions = window.Htx.annotationStore.selected.regionStore.regions;
+  let hidden = 0;
+  for (const r of regions) if (labels.includes(r.labelName) && !r.hidden) { r.toggleHidden(); hidden++; }
+  return hidden;
+})(%s)"""
+
+
+def screenshot(
+    info: dict,
+    out: Path,
+    binary: str,
+    width: int,
+    height: int,
+    wait: float,
+    hide: list[str] = (),
+) -> None:
     session = login_session(info["label_studio"], info["email"], info["password"])
     cookies = [
         {"name": c.name, "value": c.value, "url": info["label_studio"]} for c in session.cookies
@@ -131,6 +148,13 @@ def screenshot(info: dict, out: Path, binary: str, width: int, height: int, wait
             ready = bool(value.get("result", {}).get("value"))
         if not ready:
             print(f"the labeling UI did not look ready within {wait:.0f} s; taking it anyway")
+        if hide:
+            hidden = chrome.send(
+                "Runtime.evaluate",
+                {"expression": HIDE % json.dumps(list(hide)), "returnByValue": True},
+                session=sid,
+            )
+            print(f"hid {hidden.get('result', {}).get('value')} regions labelled {', '.join(hide)}")
         time.sleep(3)  # let the brush layer and fonts settle
         shot = chrome.send("Page.captureScreenshot", {"format": "png"}, session=sid)
     finally:
@@ -150,11 +174,18 @@ def main() -> int:
     p.add_argument("--height", type=int, default=860)
     p.add_argument("--wait", type=float, default=60, help="seconds for the page to load")
     p.add_argument("--task", type=int, default=None, help="another task id of the project")
+    p.add_argument(
+        "--hide",
+        default="",
+        help="labels whose regions are hidden, comma-separated (e.g. the mask, to see the "
+        "explanation layers under it)",
+    )
     args = p.parse_args()
     info = json.loads(Path(args.demo).read_text())
     if args.task:
         info["task_url"] = f"{info['project_url']}?task={args.task}"
-    screenshot(info, Path(args.out), args.chromium, args.width, args.height, args.wait)
+    hide = [label for label in args.hide.split(",") if label]
+    screenshot(info, Path(args.out), args.chromium, args.width, args.height, args.wait, hide)
     return 0
 
 

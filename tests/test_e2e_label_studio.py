@@ -655,7 +655,9 @@ def test_explanation_layers_through_label_studio(label_studio, backend, tmp_path
     layered = 0
     for p in preds:
         layers = [x for x in p["result"] if x["from_name"] == "explanation"]
-        note = p["result"][0]["meta"]["text"][0] if p["result"] else ""
+        note = next(
+            (x["meta"]["text"][0] for x in p["result"] if x["from_name"] != "explanation"), ""
+        )
         masked = any(x["from_name"] == "mask" for x in p["result"])
         if not layers:
             assert not masked  # no mask, nothing to explain (a normal image)

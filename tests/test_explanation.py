@@ -65,7 +65,7 @@ def _image_masks(agreeing: list[str], wanted: bool = True) -> ImageMasks:
 
 def test_only_agreeing_members_and_the_consensus_get_layers():
     masks = _image_masks(["0-a", "2-c"])
-    layers = explanation_layers(masks, (0.25, 0.5))
+    layers = explanation_layers(masks, (0.25, 0.5), style="fill")
     assert {layer.source for layer in layers} == {"0-a", "2-c", CONSENSUS}
     for layer in layers:
         source = (
@@ -75,6 +75,22 @@ def test_only_agreeing_members_and_the_consensus_get_layers():
     consensus = [layer for layer in layers if layer.source == CONSENSUS and layer.level == 0.5]
     member = [layer for layer in layers if layer.source == "0-a" and layer.level == 0.5]
     assert not (consensus[0].mask & ~member[0].mask).any()  # the overlap is inside each member
+
+
+def test_outlines_are_each_levels_contour():
+    masks = _image_masks(["0-a", "1-b"])
+    filled = explanation_layers(masks, (0.25, 0.5, 0.75), style="fill")
+    lines = explanation_layers(masks, (0.25, 0.5, 0.75))  # the default style
+    assert [(f.source, f.level) for f in filled] == [(o.source, o.level) for o in lines]
+    for f, o in zip(filled, lines, strict=True):
+        assert o.mask.any() and not (o.mask & ~f.mask).any()  # on the region's own pixels
+        assert o.mask.sum() < f.mask.sum() / 2 or f.mask.sum() < 200  # a line, not the area
+        # Every outline pixel touches the outside of its region (4-neighbourhood, edge = out).
+        outside = np.pad(~f.mask, 1, constant_values=True)
+        touches = outside[:-2, 1:-1] | outside[2:, 1:-1] | outside[1:-1, :-2] | outside[1:-1, 2:]
+        assert not (o.mask & ~touches).any()  # width 1 here: 60x80 maps
+    with pytest.raises(ValueError, match="style"):
+        explanation_layers(masks, style="heatmap")
 
 
 def test_a_class_without_masks_or_agreement_gets_no_layers():
@@ -164,10 +180,12 @@ def test_explanation_regions_at_the_displayed_size_one_set_per_agreeing_member(
     model_dir, synth_dir
 ):
     tasks = [_task(synth_dir / "images" / f"test_lesion_{i}.png", (150, 110), i) for i in range(2)]
-    for result in _predict(model_dir, tasks, SYNTH_EXPLAIN):
+    levels = {"explain_style": "fill", "explain_levels": "0.25,0.5,0.75"}
+    for result in _predict(model_dir, tasks, SYNTH_EXPLAIN, **levels):
         regions = [r for r in result["result"] if r["from_name"] == "explanation"]
         assert regions, "a lesion image gets explanation layers"
-        note = result["result"][0]["meta"]["text"][0]
+        note = next(r for r in result["result"] if r["from_name"] != "explanation")
+        note = note["meta"]["text"][0]
         agreeing = int(note.split(" models agree")[0].rsplit(" ", 1)[1].split("/")[0])
         by_label: dict[str, list[np.ndarray]] = {}
         for r in regions:
@@ -207,6 +225,27 @@ def test_a_malformed_explain_levels_fails_the_start(model_dir):
         create_app(Settings(model_dir=str(model_dir), explain_levels="0.5,high"))
     with pytest.raises(ValueError, match="EXPLAIN_LEVELS"):
         create_app(Settings(model_dir=str(model_dir), explain_levels="0,0.5"))
+    with pytest.raises(ValueError, match="EXPLAIN_STYLE"):
+        create_app(Settings(model_dir=str(model_dir), explain_style="heatmap"))
+
+
+def test_outlined_layers_are_lines_on_the_filled_regions(model_dir, synth_dir):
+    tasks = [_task(synth_dir / "images" / "test_lesion_1.png", (150, 110))]
+    levels = "0.25,0.5,0.75"
+    (filled,) = _predict(
+        model_dir, tasks, SYNTH_EXPLAIN, explain_style="fill", explain_levels=levels
+    )
+    (lines,) = _predict(model_dir, tasks, SYNTH_EXPLAIN, explain_levels=levels)  # outline
+
+    def layers(result):
+        return [(r["value"]["brushlabels"][0], rle_to_mask(r["value"]["rle"], 110, 150))
+                for r in result["result"] if r["from_name"] == "explanation"]  # fmt: skip
+
+    pairs = list(zip(layers(filled), layers(lines), strict=True))
+    assert pairs
+    for (label_f, f), (label_o, o) in pairs:
+        assert label_f == label_o and o.any() and not (o & ~f).any()
+        assert o.sum() < f.sum()
 
 
 def test_a_flagged_task_says_why(model_dir, synth_dir, tmp_path):
@@ -219,7 +258,7 @@ def test_a_flagged_task_says_why(model_dir, synth_dir, tmp_path):
         tmp_path, [_task(synth_dir / "images" / "test_lesion_0.png")], SYNTH_EXPLAIN
     )
     assert result["flagged"]
-    note = result["result"][0]["meta"]["text"][0]
+    note = next(r for r in result["result"] if r["from_name"] != "explanation")["meta"]["text"][0]
     assert "please review (entropy" in note and "above the calibrated review threshold 0.00" in note
 
 

@@ -22,6 +22,7 @@ Run it alone on the machine: two torch processes on two cores slow each other se
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import sys
@@ -74,6 +75,31 @@ def _timed(times: dict[str, float], name: str, fn):
     return wrapper
 
 
+@contextlib.contextmanager
+def timers(times: dict[str, float], inner: dict[str, float]):
+    """Wrap the trainer's stages in timers, and put every original back on the way out.
+
+    One list of (owner, attribute, bucket, stage): owners are modules or classes, and an
+    attribute the measured trainer lacks (an older checkout) is skipped."""
+    targets = [(training, name, times, stage) for stage, name in STAGES.items()]
+    targets += [(decoder_training, name, inner, stage) for stage, name in DECODER_STAGES.items()]
+    targets += [
+        (getattr(decoder_training, "HeldOut", None), "score", inner, "held_out_scoring"),
+        (ModelStore, "save", times, "save"),
+    ]
+    patched = []
+    try:
+        for owner, name, bucket, stage in targets:
+            if owner is not None and hasattr(owner, name):
+                original = owner.__dict__.get(name, getattr(owner, name))
+                patched.append((owner, name, original))
+                setattr(owner, name, _timed(bucket, stage, getattr(owner, name)))
+        yield
+    finally:
+        for owner, name, original in reversed(patched):
+            setattr(owner, name, original)
+
+
 def train_once(data: str, seed: int, extra: list[str], keep: Path | None) -> dict:
     parser = argparse.ArgumentParser()
     cli.add_commands(parser.add_subparsers())
@@ -83,33 +109,13 @@ def train_once(data: str, seed: int, extra: list[str], keep: Path | None) -> dic
             ["train", "--data", data, "--out", str(out), "--seed", str(seed), *extra]
         )
         times: dict[str, float] = defaultdict(float)
-        originals = {}
-        for stage, name in STAGES.items():
-            if hasattr(training, name):
-                originals[name] = getattr(training, name)
-                setattr(training, name, _timed(times, stage, originals[name]))
         inner: dict[str, float] = defaultdict(float)
-        for stage, name in DECODER_STAGES.items():
-            if hasattr(decoder_training, name):
-                originals[f"decoder.{name}"] = getattr(decoder_training, name)
-                setattr(decoder_training, name, _timed(inner, stage, originals[f"decoder.{name}"]))
-        held_score = getattr(decoder_training, "HeldOut", None)
-        if held_score is not None:
-            score = held_score.score
-            held_score.score = _timed(inner, "held_out_scoring", score)
-        save = ModelStore.save
-        ModelStore.save = _timed(times, "save", save)
         t0 = time.perf_counter()
-        try:
-            cli._train(args)
-        finally:
-            wall = time.perf_counter() - t0
-            for name, fn in originals.items():
-                module, _, attr = name.rpartition(".")
-                setattr(decoder_training if module else training, attr, fn)
-            if held_score is not None:
-                held_score.score = score
-            ModelStore.save = save
+        with timers(times, inner):
+            try:
+                cli._train(args)
+            finally:
+                wall = time.perf_counter() - t0
         store = ModelStore(out)
         ensemble = store.load(None, device=torch.device("cpu"))
         manifest = json.loads((out / "versions" / store.current_id() / "manifest.json").read_text())

@@ -202,7 +202,7 @@ class CamLabelModel:
         schema, cfg = self.schema, self.ensemble.config
         keys = out.member_keys
         votes = {v.member: v for v in member_votes(out, 0, cfg.classes)}
-        source = self.ensemble.config.map_source
+        source = cfg.map_source
         regions = []
         levels, style = self.settings.explain_level_values, self.settings.explain_style
         for layer in explanation_layers(masks, levels, style):
@@ -248,11 +248,13 @@ class CamLabelModel:
                     regions.append(self._brush(schema.brush_name, review, unsure, size, confidence))
         unc = {k: float(v[0]) for k, v in out.uncertainty.items()}
         flagged = bool(out.flagged[0])
-        reasons = flag_reasons(out, 0, cfg.classes, cfg.review_measure, cfg.review_threshold)
-        why = f"please review ({'; '.join(reasons)}): " if flagged and reasons else ""
+        why = ""
+        if flagged:
+            reasons = flag_reasons(out, 0, cfg.classes, cfg.review_measure, cfg.review_threshold)
+            why = f"please review ({'; '.join(reasons)}): " if reasons else "please review: "
         # Visible in the region panel: why this task was ranked where it is.
         note = (
-            f"camlabel: {why or ('please review: ' if flagged else '')}"
+            f"camlabel: {why}"
             f"confidence {confidence:.2f}, {self.acquisition} {acq_value:.2f}, "
             f"entropy {unc['entropy']:.2f}, BALD {unc['bald']:.3f}, "
             f"{len(masks.agreeing)}/{len(cfg.members)} models agree"

@@ -6,7 +6,7 @@ DATA ?= ../shared/data/glas
 MODEL_DIR ?= models
 ARGS ?=
 
-.PHONY: setup labelstudio run serve demo test lint bench clean
+.PHONY: setup labelstudio image image-clean run serve demo test lint bench clean
 
 # The one install script, shared with the Dockerfile (tests/test_deploy.py checks both use it).
 $(VENV)/.installed: pyproject.toml scripts/install.sh
@@ -24,6 +24,16 @@ $(LSVENV)/.installed:
 	touch $@
 
 labelstudio: $(LSVENV)/.installed
+
+# The Dockerfile built with podman on a debootstrapped Debian base (root; tools installed from
+# the system's packages when missing; the base and the layer cache are kept, older layers pruned).
+# tests/test_container.py runs it (`make test` builds it in the background). `make image-clean`
+# removes the image.
+image:
+	scripts/container.sh image
+
+image-clean:
+	scripts/container.sh clean
 
 # Train the ensemble on DATA (GlaS layout) and evaluate it; with no DATA folder a synthetic set is made.
 run: setup
@@ -51,7 +61,10 @@ lint: setup
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/hadolint Dockerfile
 
+# The image builds in the background while the other tests run; tests/test_container.py (run
+# last) waits for it.
 test: setup labelstudio lint
+	scripts/container.sh image --background runs/image
 	$(VENV)/bin/pytest -q
 
 # Benchmarks (slow; results in bench/results/). GlaS needs DATA; a GPU is used when present.

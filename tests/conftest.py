@@ -1,3 +1,7 @@
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -6,6 +10,11 @@ from wsl_models.ensemble import EnsembleConfig
 from wsl_models.synthetic import make_dataset
 from wsl_models.training import TrainConfig, train_ensemble
 from wsl_models.versions import ModelStore
+
+
+def pytest_collection_modifyitems(items):
+    """The container tests last: `make test` builds their image in the background meanwhile."""
+    items.sort(key=lambda item: item.path.name == "test_container.py")
 
 
 @pytest.fixture(autouse=True)
@@ -28,3 +37,37 @@ def model_dir(synth_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
     ModelStore(root).save(ensemble, metrics)
     return root
+
+
+@pytest.fixture(scope="session")
+def label_studio(tmp_path_factory):
+    """A real Label Studio 1.23.2 (.lsvenv, SQLite, loopback), shared by the modules that
+    drive it (each makes its own projects)."""
+    from .ls_harness import LS_BIN, LabelStudio
+    from .progress import wait_http
+
+    if not LS_BIN.exists():
+        pytest.fail(
+            f"Label Studio not installed at {LS_BIN}: run `make test` (it installs .lsvenv)"
+        )
+    ls = LabelStudio(tmp_path_factory.mktemp("ls")).start(wait=wait_http)
+    yield ls
+    ls.stop()
+
+
+@pytest.fixture(scope="session")
+def base_model(tmp_path_factory) -> Path:
+    """A model trained offline with `camlabel train` on finding / normal images: the base model
+    that serves every project until the project's first version (and that version's start)."""
+    data = make_dataset(tmp_path_factory.mktemp("base_data"), {"train": 12}, (96, 96), 5)
+    table = data / "labels.csv"
+    table.write_text(table.read_text().replace(",lesion,", ",finding,"))
+    out = tmp_path_factory.mktemp("base_model")
+    train = subprocess.run(
+        [sys.executable, "-m", "backend.cli", "train", "--data", str(data), "--out", str(out),
+         "--members", "tiny,tiny", "--image-size", "96", "--weights", "none", "--epochs", "30",
+         "--lr", "0.003", "--mask-classes", "finding"],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert train.returncode == 0, train.stderr[-2000:]
+    return out

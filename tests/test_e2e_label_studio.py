@@ -19,10 +19,10 @@ import requests
 from PIL import Image
 
 from backend.rle import mask_to_rle, rle_to_mask
-from wsl_models.synthetic import blob_image, make_dataset
+from wsl_models.synthetic import blob_image
 from wsl_models.versions import ModelStore
 
-from .ls_harness import LS_BIN, LabelStudio, free_port
+from .ls_harness import LabelStudio, free_port
 from .progress import children, wait_http, wait_while_progressing
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,35 +32,6 @@ CONFIG = (ROOT / "label_config" / "clicks.xml").read_text()
 pytestmark = pytest.mark.skipif(
     os.environ.get("CAMLABEL_SKIP_E2E") == "1", reason="CAMLABEL_SKIP_E2E=1"
 )
-
-
-@pytest.fixture(scope="module")
-def label_studio(tmp_path_factory):
-    if not LS_BIN.exists():
-        pytest.fail(
-            f"Label Studio not installed at {LS_BIN}: run `make test` (it installs .lsvenv)"
-        )
-    ls = LabelStudio(tmp_path_factory.mktemp("ls")).start(wait=wait_http)
-    yield ls
-    ls.stop()
-
-
-@pytest.fixture(scope="module")
-def base_model(tmp_path_factory) -> Path:
-    """A model trained offline with `camlabel train` on finding / normal images: the base model
-    that serves every project until the project's first version (and that version's start)."""
-    data = make_dataset(tmp_path_factory.mktemp("base_data"), {"train": 12}, (96, 96), 5)
-    table = data / "labels.csv"
-    table.write_text(table.read_text().replace(",lesion,", ",finding,"))
-    out = tmp_path_factory.mktemp("base_model")
-    train = subprocess.run(
-        [sys.executable, "-m", "backend.cli", "train", "--data", str(data), "--out", str(out),
-         "--members", "tiny,tiny", "--image-size", "96", "--weights", "none", "--epochs", "30",
-         "--lr", "0.003", "--mask-classes", "finding"],
-        capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert train.returncode == 0, train.stderr[-2000:]
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 MC_SEED = 0  # every prediction draws the same MC Dropout masks: scores are reproducible
 
 
-@dataclass
+@dataclass(eq=False)  # identity: deque.remove must not compare the image tensors
 class _Job:
     ensemble: Ensemble
     images: torch.Tensor  # (n, 3, H, W)

@@ -159,6 +159,58 @@ def test_the_engine_batches_whatever_is_waiting(exact):
         assert torch.allclose(out.cams[0][0], direct.cams[0][i], atol=1e-5)
 
 
+def test_a_job_that_cannot_join_the_batch_does_not_stop_the_engine():
+    """Waiting: a smart-tool job (no MC samples), a prediction (the version's samples) and
+    another smart-tool job. The first and third share a batch; taking the third out of the
+    queue past the second once compared their image tensors and killed the inference thread,
+    so every later request of that worker waited forever (found by bench/fuzz_volume.py)."""
+    cfg = EnsembleConfig(classes=["a", "b"], members=["tiny"], image_size=(64, 64), mc_samples=4)
+    ensemble = Ensemble([build_member("tiny", 2, decoder=True)], cfg)
+    running, release = threading.Event(), threading.Event()
+    real_predict = ensemble.predict
+
+    def predict(x, seed=None, amp=None, samples=None):
+        running.set()
+        release.wait(30)
+        return real_predict(x, seed=seed, amp=amp, samples=samples)
+
+    ensemble.predict = predict
+    engine = InferenceEngine(max_batch=8)
+    images = torch.rand(4, 3, 64, 64)
+    outs: dict[int, list] = {}
+
+    def ask(i: int, samples: int | None) -> threading.Thread:
+        # daemon threads: a dead engine leaves them waiting, and the test must still end
+        def run():
+            outs[i] = engine.predict(ensemble, images[i : i + 1], samples)
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        return thread
+
+    try:
+        threads = [ask(0, None)]
+        assert running.wait(30)
+        for i, samples in ((1, 0), (2, None), (3, 0)):
+            threads.append(ask(i, samples))
+            while len(engine._jobs) < i:  # queued in this order behind the running forward
+                time.sleep(0.01)
+        release.set()
+        for thread in threads:
+            while thread.is_alive():  # wait while the engine lives, fail once it died
+                assert engine._thread.is_alive(), "the inference thread died"
+                thread.join(0.01)
+    finally:
+        release.set()
+        engine.close()
+    ensemble.predict = real_predict
+    for i, (out,) in sorted(outs.items()):
+        samples = (None, 0, None, 0)[i]
+        alone = real_predict(images[i : i + 1], seed=0, samples=samples)
+        assert torch.equal(out.probs, alone.probs)
+        assert out.mc_probs.shape == alone.mc_probs.shape
+
+
 def _saved(root: Path, classes: list[str], seed: int) -> str:
     torch.manual_seed(seed)
     cfg = EnsembleConfig(classes=classes, members=["tiny"], image_size=(64, 64))

@@ -106,7 +106,8 @@ background() {
     rm -f "$dir/rc"
     (
         set +e
-        bash "$0" image >"$dir/log" 2>&1
+        # below the tests in priority: they wait on progress, the build only on itself
+        nice -n 10 bash "$0" image >"$dir/log" 2>&1
         echo $? >"$dir/rc"
     ) </dev/null &
     echo $! >"$dir/pid"

@@ -39,8 +39,15 @@ def descendants(pid: int) -> list[int]:
 
 def cpu_seconds(*pids: int) -> tuple[float, bool]:
     """(CPU seconds used by ``pids`` and their descendants, whether any of ``pids`` runs)."""
-    total, alive, todo = 0.0, False, list(pids)
-    roots = set(pids)
+    total, alive, _ = _tree(pids)
+    return total, alive
+
+
+def _tree(pids: Iterable[int]) -> tuple[float, bool, bool]:
+    """CPU seconds of ``pids`` and their descendants, whether any of ``pids`` runs, and whether
+    any of them waits for a core or the disk (state R or D: slowed by the machine, not hung)."""
+    total, alive, waiting, todo = 0.0, False, False, list(pids)
+    roots = set(todo)
     tick = os.sysconf("SC_CLK_TCK")
     while todo:
         p = todo.pop()
@@ -49,9 +56,10 @@ def cpu_seconds(*pids: int) -> tuple[float, bool]:
         except OSError:
             continue
         alive |= p in roots and fields[0] != "Z"
+        waiting |= fields[0] in ("R", "D")
         total += sum(int(f) for f in fields[11:15]) / tick  # own + reaped children's
         todo += children(p)
-    return total, alive
+    return total, alive, waiting
 
 
 def wait_while_progressing(
@@ -66,7 +74,8 @@ def wait_while_progressing(
 
     ``pids``: the process doing the work (or a function naming the processes, for work
     that is the processes' exit). Fails when ``must_live`` and none of them runs any more,
-    or when for ``stall_s`` seconds neither the state changed nor they used CPU_STEP_S.
+    or when for ``stall_s`` seconds neither the state changed nor they used CPU_STEP_S nor
+    was any of them seen waiting for a core or the disk (a machine busy with other work).
     """
     last_state: Any = object()
     last_cpu, since = -1.0, time.monotonic()
@@ -75,12 +84,12 @@ def wait_while_progressing(
         if result is not None:
             return result
         watched = [pids] if isinstance(pids, int) else list(pids())
-        cpu, alive = cpu_seconds(*watched)
+        cpu, alive, waiting = _tree(watched)
         if must_live and not alive:
             raise AssertionError(f"{what}: the process doing it died: {state}")
         if cpu < last_cpu:  # a process exited unreaped: count from what runs now
             last_cpu = cpu
-        if state != last_state or cpu - last_cpu >= CPU_STEP_S:
+        if state != last_state or cpu - last_cpu >= CPU_STEP_S or waiting:
             last_state, last_cpu, since = state, cpu, time.monotonic()
         elif time.monotonic() - since > stall_s:
             raise TimeoutError(f"{what}: no progress for {stall_s:.0f} s: {state}")

@@ -1,9 +1,9 @@
-"""Deployment, checked without a Docker engine: the image must not rot unseen.
+"""Deployment, checked piece by piece: the image must not rot unseen.
 
-No Docker engine runs in CI, so the tests take the Dockerfile apart and run its pieces here: the
-install step must be the script `make setup` runs (CI installs through it), the CMD is started
-from the venv with the Dockerfile's environment, its HEALTHCHECK command must pass against it,
-and a SIGTERM (what `docker stop` sends) must leave no process behind. docker-compose.yml is
+tests/test_container.py builds and runs the image itself; these tests take the Dockerfile apart
+and run its pieces from the venv: the install step must be the script `make setup` runs (CI
+installs through it), the CMD is started from the venv with the Dockerfile's environment, its
+HEALTHCHECK command must pass against it, and a SIGTERM (what `docker stop` sends) must leave no process behind. docker-compose.yml is
 checked for its wiring, hadolint for the Dockerfile's lint.
 """
 

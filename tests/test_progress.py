@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -79,3 +80,20 @@ def test_descendants_and_their_cpu_are_counted():
     finally:
         parent.kill()
         parent.wait()
+
+
+def test_a_process_waiting_for_a_core_counts_as_working_and_a_sleeping_one_does_not():
+    """State R (running or waiting for a core) or D (waiting for the disk) is a machine busy
+    with other work, not a hang; a process asleep in S is neither."""
+    from .progress import _tree
+
+    busy, asleep = _spawn("while True: pass"), subprocess.Popen(["sleep", "60"])
+    try:
+        assert any(_tree([busy.pid])[2] for _ in range(50))  # seen running at least once
+        while _tree([asleep.pid])[2]:  # until it has started and gone to sleep
+            time.sleep(0.01)
+        assert not any(_tree([asleep.pid])[2] for _ in range(20))
+    finally:
+        for proc in (busy, asleep):
+            proc.kill()
+            proc.wait()

@@ -27,8 +27,7 @@ labelstudio: $(LSVENV)/.installed
 
 # The Dockerfile built with podman on a debootstrapped Debian base (root; tools installed from
 # the system's packages when missing; the base and the layer cache are kept, older layers pruned).
-# tests/test_container.py runs it (`make test` builds it in the background). `make image-clean`
-# removes the image.
+# tests/test_container.py runs it. `make image-clean` removes the image.
 image:
 	scripts/container.sh image
 
@@ -61,10 +60,7 @@ lint: setup
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/hadolint Dockerfile
 
-# The image builds in the background while the other tests run; tests/test_container.py (run
-# last) waits for it.
-test: setup labelstudio lint
-	scripts/container.sh image --background runs/image
+test: setup labelstudio lint image
 	$(VENV)/bin/pytest -q
 
 # Benchmarks (slow; results in bench/results/). GlaS needs DATA; a GPU is used when present.

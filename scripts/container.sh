@@ -3,9 +3,6 @@
 #
 #   scripts/container.sh image    tools (podman, runc, debootstrap) when missing, the base image
 #                                 (cached), then the Dockerfile built as $IMAGE
-#   scripts/container.sh image --background DIR
-#                                 the same in the background (`make test`: it builds while the
-#                                 other tests run); DIR gets pid, log and, at the end, rc
 #   scripts/container.sh clean    remove $IMAGE and every dangling layer (the base stays)
 #   scripts/container.sh flags    print podman's global flags for this machine (tests use them)
 #
@@ -100,29 +97,9 @@ clean() {
     "${PODMAN[@]}" image prune -f >/dev/null
 }
 
-background() {
-    local dir=$1
-    mkdir -p "$dir"
-    rm -f "$dir/rc"
-    (
-        set +e
-        # below the tests in priority: they wait on progress, the build only on itself
-        nice -n 10 bash "$0" image >"$dir/log" 2>&1
-        echo $? >"$dir/rc"
-    ) </dev/null &
-    echo $! >"$dir/pid"
-    log "building $IMAGE in the background: $dir/log"
-}
-
 case ${1:-} in
-    image)
-        if [[ ${2:-} == --background ]]; then
-            background "${3:?a folder for pid, log and rc}"
-        else
-            image
-        fi
-        ;;
+    image) image ;;
     clean) clean ;;
     flags) echo "${PODMAN[*]:1}" ;;
-    *) sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2 ;;
+    *) sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2 ;;
 esac

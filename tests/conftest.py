@@ -12,11 +12,6 @@ from wsl_models.training import TrainConfig, train_ensemble
 from wsl_models.versions import ModelStore
 
 
-def pytest_collection_modifyitems(items):
-    """The container tests last: `make test` builds their image in the background meanwhile."""
-    items.sort(key=lambda item: item.path.name == "test_container.py")
-
-
 @pytest.fixture(autouse=True)
 def _threads():
     torch.set_num_threads(2)

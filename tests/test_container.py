@@ -53,28 +53,8 @@ def podman(*args: str, check: bool = True, timeout: float = 300) -> subprocess.C
     return out
 
 
-def _wait_for_the_build(build: Path) -> None:
-    """`make test` builds the image in the background (scripts/container.sh image --background):
-    wait while that build runs and makes progress, fail with its log when it failed."""
-    log = build / "log"
-
-    def done():
-        rc = build / "rc"
-        if rc.exists() and rc.read_text().strip():
-            return int(rc.read_text()), None
-        return None, log.stat().st_size if log.exists() else 0
-
-    pid = int((build / "pid").read_text())
-    rc = wait_while_progressing(done, lambda: [pid], "the image build", poll=2.0,
-                                must_live=False)  # fmt: skip
-    assert rc == 0, f"the image build failed ({rc}):\n{log.read_text()[-3000:]}"
-
-
 @pytest.fixture(scope="module")
 def image() -> str:
-    build = ROOT / "runs" / "image"
-    if (build / "pid").exists():
-        _wait_for_the_build(build)
     if shutil.which("podman") is None or podman("image", "exists", IMAGE, check=False).returncode:
         pytest.fail(f"no image {IMAGE}: run `make image` (make test builds it)")
     return IMAGE

@@ -38,6 +38,12 @@ def _lines(stream, out: queue.Queue) -> None:
     out.put(None)
 
 
+def _ctrl_c_works() -> None:
+    """The demo as started from a terminal: SIGINT at its default, whatever this test inherited
+    (a job started with `&` by a non-interactive shell ignores SIGINT, and so would the demo)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_demo_pre_annotates_a_project(tmp_path):
     if not LS_BIN.exists():
         pytest.fail(f"Label Studio not installed at {LS_BIN}: run `make labelstudio`")
@@ -46,6 +52,7 @@ def test_demo_pre_annotates_a_project(tmp_path):
         [sys.executable, "-m", "backend.cli", "demo", "--port", "0", "--backend-port", "0",
          "--workdir", str(workdir), "--count", "8", "--size", "96", "--timeout", "0"],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        preexec_fn=_ctrl_c_works,
     )  # fmt: skip
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=_lines, args=(proc.stdout, lines), daemon=True).start()

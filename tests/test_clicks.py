@@ -3,9 +3,7 @@ Label Studio, and a decoder trained from clicks alone."""
 
 from __future__ import annotations
 
-import base64
 import csv
-import io
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +28,8 @@ from wsl_models.mask_training import segmentation_loss
 from wsl_models.supervision import IGNORE
 from wsl_models.synthetic import make_dataset
 from wsl_models.training import TrainConfig, train_ensemble
+
+from .images import png_data_uri
 
 CONFIG = (Path(__file__).parents[1] / "label_config" / "clicks.xml").read_text()
 
@@ -83,12 +83,6 @@ def test_sparse_targets_get_no_dice_term():
     assert segmentation_loss(logits, target, 1.0) > bce_only
 
 
-def _uri(img: np.ndarray) -> str:
-    buf = io.BytesIO()
-    Image.fromarray(img).save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-
-
 def test_submitted_keypoints_become_a_points_file(tmp_path):
     img = np.full((100, 200, 3), 128, np.uint8)
     points = [
@@ -106,8 +100,12 @@ def test_submitted_keypoints_become_a_points_file(tmp_path):
     assert clicks_of(points, (200, 100)) == [(50.0, 50.0, True), (150.0, 20.0, False),
                                              (20.0, 90.0, False)]  # fmt: skip
     tasks = [
-        {"id": 1, "data": {"image": _uri(img)}, "annotations": [{"result": [choice, *points]}]},
-        {"id": 2, "data": {"image": _uri(img)}, "annotations": [{"result": points[:1]}]},
+        {
+            "id": 1,
+            "data": {"image": png_data_uri(img)},
+            "annotations": [{"result": [choice, *points]}],
+        },
+        {"id": 2, "data": {"image": png_data_uri(img)}, "annotations": [{"result": points[:1]}]},
     ]
     counts = collect_dataset(tasks, CONFIG, ImageFetcher(Settings()), tmp_path)
     assert counts["clicked"] == 2 and counts["masks"] == 0 and counts["skipped"] == 0

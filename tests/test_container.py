@@ -8,8 +8,7 @@ at /data/models, as a user runs it: `camlabel serve` as uid 10001.
 
 from __future__ import annotations
 
-import base64
-import io
+import functools
 import json
 import os
 import shutil
@@ -25,6 +24,7 @@ from PIL import Image
 from backend.rle import rle_to_mask
 from wsl_models.synthetic import blob_image
 
+from .images import png_data_uri
 from .ls_harness import free_port
 from .progress import wait_while_progressing
 
@@ -39,11 +39,18 @@ pytestmark = pytest.mark.skipif(
 )
 
 
+@functools.cache
+def _flags() -> tuple[str, ...]:
+    """podman's global flags for this machine, from the script that builds the image."""
+    out = subprocess.run([ROOT / "scripts" / "container.sh", "flags"], capture_output=True,
+                         text=True, check=True).stdout  # fmt: skip
+    return tuple(out.split())
+
+
 def podman(*args: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
-    """podman with this machine's global flags (scripts/container.sh flags); `run` with its
-    explicit limits (the defaults exceed this sandbox's)."""
-    flags = subprocess.run([ROOT / "scripts" / "container.sh", "flags"], capture_output=True,
-                           text=True, check=True).stdout.split()  # fmt: skip
+    """podman with this machine's global flags; `run` with its explicit limits (the defaults
+    exceed this sandbox's)."""
+    flags = _flags()
     if args[0] == "run":
         args = ("run", *LIMITS, *args[1:])
     out = subprocess.run(["podman", *flags, *args], capture_output=True, text=True,
@@ -58,12 +65,6 @@ def image() -> str:
     if shutil.which("podman") is None or podman("image", "exists", IMAGE, check=False).returncode:
         pytest.fail(f"no image {IMAGE}: run `make image` (make test builds it)")
     return IMAGE
-
-
-def _uri(img: np.ndarray) -> str:
-    buf = io.BytesIO()
-    Image.fromarray(img).save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
 def _container_pid(name: str) -> int:
@@ -136,7 +137,7 @@ def test_serve_predict_train_and_stop_in_the_container(image, label_studio, base
         # /predict: brush regions from the mounted model, for a task as Label Studio sends it.
         rng = np.random.default_rng(11)
         findings = [blob_image(rng, (96, 96), 1) for _ in range(6)]
-        body = {"tasks": [{"id": i, "data": {"image": _uri(img)}} for i, (img, _) in
+        body = {"tasks": [{"id": i, "data": {"image": png_data_uri(img)}} for i, (img, _) in
                           enumerate(findings)], "label_config": CONFIG}  # fmt: skip
         answer = requests.post(f"{url}/predict", json=body, timeout=300).json()
         ious = []

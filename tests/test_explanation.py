@@ -24,6 +24,8 @@ from wsl_models.explanation import CONSENSUS, explanation_layers, flag_reasons, 
 from wsl_models.synthetic import disk_image
 from wsl_models.versions import ModelStore
 
+from .images import png_data_uri
+
 CONFIGS = Path(__file__).parents[1] / "label_config"
 EXPLAIN = (CONFIGS / "explain.xml").read_text()
 PLAIN = (CONFIGS / "finding_normal.xml").read_text()
@@ -262,12 +264,6 @@ def test_a_flagged_task_says_why(model_dir, synth_dir, tmp_path):
     assert "please review (entropy" in note and "above the calibrated review threshold 0.00" in note
 
 
-def _uri(img: np.ndarray) -> str:
-    buf = io.BytesIO()
-    Image.fromarray(img).save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-
-
 def test_a_submitted_annotation_with_explanation_regions_collects_as_one_without(tmp_path):
     img, disk = disk_image(np.random.default_rng(7), (90, 120), 1)
     mask = {"from_name": "mask", "to_name": "image", "type": "brushlabels",
@@ -285,7 +281,7 @@ def test_a_submitted_annotation_with_explanation_regions_collects_as_one_without
                           ("brush only", [mask, *layers]), ("choice", [choice, *layers])):  # fmt: skip
         if name == "brush only":  # the image label comes from the one annotation brush label
             results = [r for r in results if r["from_name"] != "diagnosis"]
-        task = {"id": 3, "data": {"image": _uri(img)}, "annotations": [{"result": results}]}
+        task = {"id": 3, "data": {"image": png_data_uri(img)}, "annotations": [{"result": results}]}
         counts = collect_dataset([task], EXPLAIN, fetcher, tmp_path / name)
         assert (tmp_path / name / "labels.csv").read_text() == (
             "image,label,split\ntask_3.png,finding,train\n"

@@ -4,7 +4,6 @@ and the "review here" layer."""
 from __future__ import annotations
 
 import base64
-import io
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +17,8 @@ from backend.settings import Settings
 from wsl_models import refine
 from wsl_models.masks import review_region
 from wsl_models.synthetic import disk_image
+
+from .images import png_data_uri
 
 CONFIG = (Path(__file__).parents[1] / "label_config" / "interactive.xml").read_text()
 SYNTH_CONFIG = CONFIG.replace('"finding"', '"lesion"')
@@ -142,12 +143,6 @@ def test_review_region_holds_disagreement_and_the_uncertain_band():
 # ---------------------------------------------------------------- through /predict
 
 
-def _uri(img: np.ndarray) -> str:
-    buf = io.BytesIO()
-    Image.fromarray(img).save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-
-
 def _prompt(client, task, items, config=SYNTH_CONFIG):
     body = {"tasks": [task], "label_config": config, "project": "1.1",
             "params": {"context": {"result": items}}}  # fmt: skip
@@ -179,7 +174,7 @@ def test_a_smart_rectangle_answers_one_brush_region_inside_it(model_dir, prior):
     img, disk = _disk(1)
     ys, xs = np.nonzero(disk)
     x0, y0, x1, y1 = xs.min() - 8, ys.min() - 8, xs.max() + 8, ys.max() + 8
-    task = {"id": 1, "data": {"image": _uri(img)}}
+    task = {"id": 1, "data": {"image": png_data_uri(img)}}
     rect = _rect(100 * x0 / 160, 100 * y0 / 120, 100 * (x1 - x0) / 160, 100 * (y1 - y0) / 120)
     pred = _prompt(client, task, [rect])
     (region,) = pred["result"]
@@ -201,7 +196,7 @@ def test_keypoints_edit_the_tasks_current_mask(client):
                          "value": {"format": "rle", "rle": mask_to_rle(left | right),
                                    "brushlabels": ["lesion"]}}],
              "created_at": "2026-12-01T10:00:00Z"}  # fmt: skip
-    task = {"id": 2, "data": {"image": _uri(img)}, "drafts": [draft], "predictions": []}
+    task = {"id": 2, "data": {"image": png_data_uri(img)}, "drafts": [draft], "predictions": []}
     pred = _prompt(client, task, [_point(75, 50, positive=False)])  # on the right disk
     mask = rle_to_mask(pred["result"][0]["value"]["rle"], 100, 200)
     assert np.array_equal(mask, left)
@@ -216,7 +211,7 @@ def test_each_click_answer_applies_every_keypoint_so_far(client):
                          "original_width": 200, "original_height": 100,
                          "value": {"format": "rle", "rle": mask_to_rle(left),
                                    "brushlabels": ["lesion"]}}]}  # fmt: skip
-    task = {"id": 3, "data": {"image": _uri(img)}, "drafts": [draft]}
+    task = {"id": 3, "data": {"image": png_data_uri(img)}, "drafts": [draft]}
     clicks = [_point(75, 50), _point(25, 50, positive=False)]  # add the right, drop the left
     first = rle_to_mask(_prompt(client, task, clicks[:1])["result"][0]["value"]["rle"], 100, 200)
     second = rle_to_mask(_prompt(client, task, clicks)["result"][0]["value"]["rle"], 100, 200)
@@ -246,7 +241,7 @@ def test_each_click_answer_applies_every_keypoint_so_far(client):
 )
 def test_malformed_prompts_get_a_clear_per_task_error(client, items, message):
     img, _ = _disk(3)
-    task = {"id": 9, "data": {"image": _uri(img)}}
+    task = {"id": 9, "data": {"image": png_data_uri(img)}}
     pred = _prompt(client, task, items)
     if message is None:
         assert pred["result"] and "error" not in pred
@@ -256,7 +251,7 @@ def test_malformed_prompts_get_a_clear_per_task_error(client, items, message):
 
 def test_a_context_without_a_result_list_is_a_per_task_error(client):
     img, _ = _disk(3)
-    body = {"tasks": [{"id": 4, "data": {"image": _uri(img)}}], "label_config": SYNTH_CONFIG,
+    body = {"tasks": [{"id": 4, "data": {"image": png_data_uri(img)}}], "label_config": SYNTH_CONFIG,
             "params": {"context": {"foo": 1}}}  # fmt: skip
     r = client.post("/predict", json=body)
     assert r.status_code == 200 and "no 'result' list" in r.get_json()["results"][0]["error"]
@@ -293,7 +288,7 @@ def test_a_submitted_review_region_is_not_training_data(tmp_path):
          "value": {"format": "rle", "rle": mask_to_rle(m), "brushlabels": [name]}}
         for m, name in ((disk, "finding"), (review, "Uncertain"))
     ]  # fmt: skip
-    task = {"id": 5, "data": {"image": _uri(img)}, "annotations": [{"result": brush}]}
+    task = {"id": 5, "data": {"image": png_data_uri(img)}, "annotations": [{"result": brush}]}
     counts = collect_dataset([task], CONFIG, ImageFetcher(Settings()), tmp_path,
                              review_label="Uncertain")  # fmt: skip
     assert counts["labelled"] == 1 and counts["masks"] == 1

@@ -3,8 +3,6 @@ depend on timing or neighbours, a model line per project, per-task fetch deadlin
 
 from __future__ import annotations
 
-import base64
-import io
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -14,7 +12,6 @@ import numpy as np
 import pytest
 import requests
 import torch
-from PIL import Image
 from werkzeug.serving import make_server
 
 from backend.app import create_app
@@ -25,14 +22,10 @@ from wsl_models.members import build_member
 from wsl_models.synthetic import blob_image
 from wsl_models.versions import ModelStore
 
+from .images import png_data_uri
+
 CONFIG = (Path(__file__).parents[1] / "label_config" / "finding_normal.xml").read_text()
 SYNTH_CONFIG = CONFIG.replace("finding", "lesion")
-
-
-def _png_uri(img: np.ndarray) -> str:
-    buf = io.BytesIO()
-    Image.fromarray(img).save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
 def _tasks(n: int, seed: int = 0) -> list[dict]:
@@ -40,7 +33,7 @@ def _tasks(n: int, seed: int = 0) -> list[dict]:
     out = []
     for i in range(n):
         img, _ = blob_image(rng, (80 + 8 * (i % 3), 96), i % 2)
-        out.append({"id": 100 + i, "data": {"image": _png_uri(img)}})
+        out.append({"id": 100 + i, "data": {"image": png_data_uri(img)}})
     return out
 
 

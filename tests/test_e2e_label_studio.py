@@ -223,33 +223,23 @@ def test_pre_annotate_learn_and_rank(label_studio, backend, tmp_path):
             assert mask.shape == (96, 96) and mask.any()
             brushes += 1
     assert brushes >= 3
-    # Pre-annotation quality on the synthetic findings (a finding without a mask counts 0).
-    ious = []
-    for p in preds:
-        name = task_name.get(p["task"])
-        if name is None or images[name] != "finding":
-            continue
-        b = {r["type"]: r for r in p["result"]}.get("brushlabels")
-        mask = rle_to_mask(b["value"]["rle"], 96, 96) if b else np.zeros((96, 96), bool)
-        truth = truths[name]
-        ious.append((mask & truth).sum() / max((mask | truth).sum(), 1))
-    print(f"pre-annotation IoU of v1 on {len(ious)} findings: {np.mean(ious):.3f}", ious)
-    assert len(ious) == 10 and np.mean(ious) >= 0.5
+    # Pre-annotation quality on the synthetic findings.
+    ious = _finding_ious(preds, task_name, images, truths)
+    print(f"pre-annotation IoU of v1 on {len(ious)} findings: {np.mean(list(ious.values())):.3f}")
+    assert len(ious) == 10 and np.mean(list(ious.values())) >= 0.5
 
-    # A human brush mask on one more image; the next training uses it.
-    n = next(n for n in unlabelled if images[n] == "finding")
-    human = [
-        {"from_name": "diagnosis", "to_name": "image", "type": "choices",
-         "value": {"choices": ["finding"]}},
-        {"from_name": "mask", "to_name": "image", "type": "brushlabels",
-         "original_width": 96, "original_height": 96, "image_rotation": 0,
-         "value": {"format": "rle", "rle": mask_to_rle(truths[n]), "brushlabels": ["finding"]}},
-        {"from_name": "point", "to_name": "image", "type": "keypointlabels",
-         "original_width": 96, "original_height": 96,
-         "value": {"x": 50.0, "y": 50.0, "width": 1.0, "keypointlabels": ["background"]}},
-    ]  # fmt: skip
-    r = ls.api("POST", f"/api/tasks/{by_name[n]['id']}/annotations", json={"result": human})
-    assert r.status_code == 201, r.text
+    # Annotators paint masks on two unlabelled findings and click on a third instead (5 on
+    # the finding, 5 off it, no mask); one masked task also carries a background keypoint.
+    findings = [n for n in unlabelled if images[n] == "finding"]
+    masked, clicked = findings[:2], findings[2]
+    for n in (*masked, clicked):
+        finding = {"from_name": "diagnosis", "to_name": "image", "type": "choices",
+                   "value": {"choices": ["finding"]}}  # fmt: skip
+        result = [finding, *(_mask_result(truths[n]) if n in masked else _clicks(truths[n]))]
+        if n == masked[0]:
+            result += _clicks(truths[n])[-1:]  # a background keypoint beside the mask
+        r = ls.api("POST", f"/api/tasks/{by_name[n]['id']}/annotations", json={"result": result})
+        assert r.status_code == 201, r.text
     assert ls.api("POST", f"/api/ml/{ml_id}/train").status_code in (200, 201)
     _wait_for_training(server, pid, v1)
     v2 = _settled_version(server, pid)
@@ -258,14 +248,17 @@ def test_pre_annotate_learn_and_rank(label_studio, backend, tmp_path):
     assert set(requests.get(f"{backend}/versions", timeout=5).json()["versions"]) >= {v1, v2}
     manifest = requests.get(f"{backend}/versions/{v2}", timeout=5).json()
     source = manifest["metrics"]["source"]
-    # 15 annotated tasks (one with a human mask) + 6 unannotated ones through pseudo-masks.
-    assert (source["masks"], source["labelled"], source["unlabelled"]) == (1, 15, 6)
-    assert source["clicked"] == 1  # the keypoint came back from Label Studio as a click
-    # The human mask trained the decoder as a segmenter, served at its own scale (unless
-    # the hash hold-out put that task among the validation images).
-    held_masked = f"task_{by_name[n]['id']}.png" in manifest["metrics"]["held_out"]
-    assert manifest["metrics"]["segmentation"].get("masks", 0) == (0 if held_masked else 1)
-    assert manifest["config"]["decoder_scale"] == (1.0 if held_masked else 2.0)
+    # 17 annotated tasks (two with a human mask) + 4 unannotated ones through pseudo-masks.
+    assert (source["masks"], source["labelled"], source["unlabelled"]) == (2, 17, 4)
+    assert source["clicked"] == 2  # the keypoints came back from Label Studio as clicks
+    # The human masks and clicks trained the decoder as a segmenter, served at its own scale
+    # (unless the hash hold-out put those tasks among the validation images).
+    held = set(manifest["metrics"]["held_out"])
+    trained = [n for n in (*masked, clicked) if f"task_{by_name[n]['id']}.png" not in held]
+    segmentation = manifest["metrics"]["segmentation"]
+    assert segmentation.get("masks", 0) == len(set(trained) & set(masked))
+    assert segmentation.get("clicked", 0) == len(set(trained) - set(masked))
+    assert manifest["config"]["decoder_scale"] == (2.0 if trained else 1.0)
     assert manifest["metrics"]["pseudo_masks"] > 0
     # From v1, or from a version of an earlier job of the same webhook burst.
     versions = requests.get(f"{backend}/versions", timeout=5).json()["versions"]
@@ -273,12 +266,61 @@ def test_pre_annotate_learn_and_rank(label_studio, backend, tmp_path):
     assert manifest["metrics"]["promotion"]["accepted"] is True
     assert task_name  # every task name was resolved
 
+    # The job stored v2's pre-annotations: on the findings nobody masked or clicked, they
+    # are better than v1's.
+    preds2 = ls.api("GET", "/api/predictions", params={"project": pid}).json()
+    preds2 = [p for p in preds2 if p["model_version"] == v2]
+    assert len({p["task"] for p in preds2}) == 21
+    untouched = [n for n in labelled if images[n] == "finding"]
+    before = np.mean([ious[n] for n in untouched])
+    after = np.mean([_finding_ious(preds2, task_name, images, truths)[n] for n in untouched])
+    print(
+        f"IoU on {len(untouched)} findings without masks or clicks: v1 {before:.3f}, v2 {after:.3f}"
+    )
+    assert after > before + 0.03, (before, after)
+
     _rank_and_check(ls, server, pid, v2)
     _a_failed_ranking_keeps_the_previous_predictions(ls, server, pid, v2)
     _worse_version_is_kept_but_not_served(ls, server, pid, v2)
     _a_second_project_with_other_classes(ls, server, pid, v2, tmp_path)
     n = next(n for n in unlabelled if images[n] == "normal")  # still unannotated
     _kill_9_mid_training(ls, server, pid, v2, by_name[n]["id"], images[n])
+
+
+def _finding_ious(preds: list[dict], task_name: dict, images: dict, truths: dict) -> dict:
+    """{image name: IoU of its brush region with the known finding} for the finding tasks
+    among ``preds`` (a finding predicted without a mask counts 0)."""
+    ious = {}
+    for p in preds:
+        name = task_name.get(p["task"])
+        if name is None or images[name] != "finding":
+            continue
+        b = {r["type"]: r for r in p["result"]}.get("brushlabels")
+        mask = rle_to_mask(b["value"]["rle"], 96, 96) if b else np.zeros((96, 96), bool)
+        truth = truths[name]
+        ious[name] = (mask & truth).sum() / max((mask | truth).sum(), 1)
+    return ious
+
+
+def _mask_result(truth: np.ndarray) -> list[dict]:
+    """A brush mask as Label Studio stores it."""
+    return [{"from_name": "mask", "to_name": "image", "type": "brushlabels",
+             "original_width": 96, "original_height": 96, "image_rotation": 0,
+             "value": {"format": "rle", "rle": mask_to_rle(truth), "brushlabels": ["finding"]}}]  # fmt: skip
+
+
+def _clicks(truth: np.ndarray) -> list[dict]:
+    """5 keypoints on the finding and 5 off it, where an annotator would put them (the
+    innermost free pixels), in Label Studio's percent coordinates; the negatives last."""
+    from wsl_models.clicks import simulated_clicks
+
+    return [
+        {"from_name": "point", "to_name": "image", "type": "keypointlabels",
+         "original_width": 96, "original_height": 96,
+         "value": {"x": 100 * (x + 0.5) / 96, "y": 100 * (y + 0.5) / 96, "width": 1.0,
+                   "keypointlabels": ["finding" if positive else "background"]}}
+        for x, y, positive in simulated_clicks(np.zeros_like(truth), truth, 5, radius=2)
+    ]  # fmt: skip
 
 
 def _settings(ls: LabelStudio, server: SimpleNamespace):
@@ -530,7 +572,7 @@ def _kill_9_mid_training(ls, server, pid: int, current: str, task_id: int, label
     job = requests.get(f"{server.url}/health", timeout=5).json()["jobs"][str(pid)]
     assert job["attempt"] == 2 and job["worker_pid"] != trainer, job
     source = requests.get(f"{server.url}/versions/{version}", timeout=5).json()["metrics"]["source"]
-    assert version != current and source["labelled"] == 16  # the new annotation is in
+    assert version != current and source["labelled"] == 18  # the new annotation is in
     assert trainer not in children(server.pid)
 
 

@@ -13,6 +13,7 @@ from .distributed import amp_settings, autocast
 from .images import scaled_size
 from .masks import Threshold, binarize, intersect, remove_small_components
 from .members import Member, member_spec
+from .tiling import STRIDE, TILE_MARGIN, tiled_map
 from .uncertainty import MEASURES, mc_dropout_probs, member_disagreement
 
 MAP_SOURCES = ("cam", "localizer", "decoder")
@@ -58,11 +59,19 @@ class EnsembleConfig:
     # The decoder runs on the image at this multiple of image_size (mask_training.py sets it
     # once human masks trained it at that scale); the classifier always at image_size.
     decoder_scale: float = 1.0
+    # Past this many pixels a side, the decoder runs on overlapping tiles (tiling.py) instead
+    # of one forward of the whole scaled image, which bounds its memory.
+    decoder_tile: int = 1024
 
     def __post_init__(self) -> None:
         self.image_size = tuple(int(v) for v in self.image_size)  # type: ignore[assignment]
         if not 1.0 <= float(self.decoder_scale) <= 4.0:
             raise ValueError(f"decoder_scale must be in [1, 4], got {self.decoder_scale}")
+        if self.decoder_tile < 4 * TILE_MARGIN or self.decoder_tile % STRIDE:
+            raise ValueError(
+                f"decoder_tile must be a multiple of {STRIDE} and at least {4 * TILE_MARGIN}, "
+                f"got {self.decoder_tile}"
+            )
         if self.map_source is None:
             self.map_source = "decoder" if self.decoder else "cam"
         if self.map_mode not in ("class", "max"):
@@ -253,15 +262,30 @@ class Ensemble:
                 features, taps = member.features_and_taps(x)
             return features.float(), [t.float() for t in taps]
 
-        def heads(member: Member, features: torch.Tensor, taps: list[torch.Tensor]):
-            """(CAMs of every class, localizer map, decoder probability) of one forward."""
+        def decoded(member: Member, x: torch.Tensor) -> torch.Tensor:
+            """The decoder's own forward on the larger image, tile by tile past decoder_tile."""
+            return tiled_map(
+                lambda t: torch.sigmoid(member.decode(forward(member, t)[1])),
+                x,
+                cfg.decoder_tile,
+                TILE_MARGIN,
+            )
+
+        def heads(member: Member, features: torch.Tensor, taps: list[torch.Tensor], x_large):
+            """(CAMs of every class, localizer map, decoder probability) of one forward (and
+            of the decoder's own forward on ``x_large`` when it runs at a larger scale)."""
             cam = (
                 normalize_maps(self.cam.from_features(features, member.head.weight))
                 if isinstance(self.cam, AnalyticCAM)
                 else None
             )
             loc = member.localize(features) if member.localizer is not None else None
-            dec = torch.sigmoid(member.decode(taps)) if member.decoder is not None else None
+            if member.decoder is None:
+                dec = None
+            elif x_large is not None:
+                dec = decoded(member, x_large)
+            else:
+                dec = torch.sigmoid(member.decode(taps))
             return cam, loc, dec
 
         def mirrored(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
@@ -279,8 +303,6 @@ class Ensemble:
             member.eval()
             with torch.no_grad():
                 features, taps = forward(member, images)
-                if large is not None:  # the decoder's own forward at its scale
-                    taps = forward(member, large)[1]
                 pooled = features.mean(dim=(2, 3))
                 embeddings.append(torch.nn.functional.normalize(pooled.float(), dim=1).cpu())
                 s = None if seed is None else seed + i
@@ -291,12 +313,11 @@ class Ensemble:
                     mc.append(
                         torch.softmax(member.logits_from_pooled(pooled), dim=-1)[None].float().cpu()
                     )
-                cam, loc, dec = heads(member, features, taps)
+                cam, loc, dec = heads(member, features, taps, large)
                 if cfg.tta_flip:
                     f_m, t_m = forward(member, images.flip(-1))
-                    if large is not None:
-                        t_m = forward(member, large.flip(-1))[1]
-                    cam_m, loc_m, dec_m = heads(member, f_m, t_m)
+                    flipped = None if large is None else large.flip(-1)
+                    cam_m, loc_m, dec_m = heads(member, f_m, t_m, flipped)
                     cam = None if cam is None else normalize_maps(cam + cam_m.flip(-1))
                     loc, dec = mirrored(loc, loc_m), mirrored(dec, dec_m)
             if cam is None:  # a pytorch-grad-cam method: its own forward and backward

@@ -22,7 +22,7 @@ from typing import Any
 from huey import SqliteHuey
 
 from wsl_models.data import load_dataset
-from wsl_models.ensemble import EnsembleConfig
+from wsl_models.ensemble import Ensemble, EnsembleConfig
 from wsl_models.images import parse_size
 from wsl_models.members import LITE_TRIO, member_spec
 from wsl_models.promotion import Tolerance, holdout_scores, promote
@@ -60,6 +60,10 @@ class TrainingSettings:
     # holds what the full schedule taught. 0: the full TRAIN_EPOCHS / TRAIN_DECODER_EPOCHS.
     fine_tune_epochs: int = 6
     fine_tune_decoder_epochs: int = 20
+    # TRAIN_FINE_TUNE_SEG_STEPS: segmentation steps of such a job when the serving version's
+    # decoder already learned from masks or clicks (it then skips the weak decoder stage, which
+    # would only pull it back towards the CAM's seeds). 0: the full seg schedule.
+    fine_tune_seg_steps: int = 40
     unlabelled: int = 50  # TRAIN_UNLABELLED: unannotated tasks used through pseudo-masks
     tolerance: float = 2.0  # PROMOTE_TOLERANCE: points a new version may lose and still win
 
@@ -83,6 +87,7 @@ class TrainingSettings:
             fine_tune_decoder_epochs=int(
                 e("TRAIN_FINE_TUNE_DECODER_EPOCHS", str(cls.fine_tune_decoder_epochs))
             ),
+            fine_tune_seg_steps=int(e("TRAIN_FINE_TUNE_SEG_STEPS", str(cls.fine_tune_seg_steps))),
             unlabelled=int(e("TRAIN_UNLABELLED", str(cls.unlabelled))),
             tolerance=float(e("PROMOTE_TOLERANCE", str(cls.tolerance))),
         )
@@ -132,8 +137,18 @@ def job_configs(
     return ens_cfg, cfg
 
 
+def segmented(version: Ensemble | None) -> bool:
+    """Whether a version's decoder trained on the annotators' masks or clicks: the
+    segmentation stage records its scale (``seg_scale``, 2 by default) as ``decoder_scale``.
+    A version trained with ``seg_scale`` 1 is not told apart and gets the full schedule."""
+    return version is not None and version.config.decoder and version.config.decoder_scale > 1.0
+
+
 def fine_tune_schedule(
-    cfg: TrainConfig, train: TrainingSettings, members: Sequence[str]
+    cfg: TrainConfig,
+    train: TrainingSettings,
+    members: Sequence[str],
+    previous_segmented: bool = False,
 ) -> TrainConfig:
     """The shorter schedule of a job that fine-tunes a compatible serving version.
 
@@ -141,15 +156,24 @@ def fine_tune_schedule(
     split), where it was measured (bench/retrain_time.py). A member trained from scratch (the
     tiny test member) is far from converged after one job: it keeps the full schedule
     (measured in the end-to-end test: 6 + 20 epochs took the pre-annotation IoU from >= 0.5
-    to 0.13)."""
+    to 0.13). ``previous_segmented``: the serving version's decoder already trained on the
+    annotators' masks or clicks; the job then runs a few segmentation steps from it and no
+    weak decoder stage."""
     if any(member_spec(m).split is None for m in members):
         return cfg
     epochs, decoder = cfg.epochs, cfg.decoder_epochs
+    seg_min, seg_max = cfg.seg_min_steps, cfg.seg_max_steps
     if train.fine_tune_epochs > 0:
         epochs = min(epochs, train.fine_tune_epochs)
     if train.fine_tune_decoder_epochs > 0:
         decoder = min(decoder, train.fine_tune_decoder_epochs)
-    return replace(cfg, epochs=epochs, decoder_epochs=decoder)
+    if previous_segmented and train.fine_tune_seg_steps > 0:
+        decoder = 0
+        seg_min = min(seg_min, train.fine_tune_seg_steps)
+        seg_max = min(seg_max, train.fine_tune_seg_steps)
+    return replace(
+        cfg, epochs=epochs, decoder_epochs=decoder, seg_min_steps=seg_min, seg_max_steps=seg_max
+    )
 
 
 def train_from_project(
@@ -194,7 +218,7 @@ def train_from_project(
         masked = [c for c in dataset.classes if c in schema.brush_labels] or None
         ens_cfg, cfg = job_configs(dataset.classes, masked, train, settings)
         if compatible(previous, ens_cfg):
-            cfg = fine_tune_schedule(cfg, train, ens_cfg.members)
+            cfg = fine_tune_schedule(cfg, train, ens_cfg.members, segmented(previous))
         ensemble, metrics = train_ensemble(dataset, ens_cfg, cfg, init=previous)
         metrics["fine_tuned_from"] = current if metrics["fine_tuned"] else None
         metrics["source"] = {"project": project_id, **counts}

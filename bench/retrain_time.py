@@ -43,7 +43,9 @@ def job(root: Path, previous, train: TrainingSettings, settings: Settings):
     ds = load_dataset(root)
     ens_cfg, cfg = job_configs(ds.classes, None, train, settings)
     if previous is not None and training.compatible(previous, ens_cfg):
-        if hasattr(jobs, "fine_tune_schedule"):
+        if hasattr(jobs, "segmented"):  # the short segmentation schedule
+            cfg = jobs.fine_tune_schedule(cfg, train, ens_cfg.members, jobs.segmented(previous))
+        elif hasattr(jobs, "fine_tune_schedule"):
             cfg = jobs.fine_tune_schedule(cfg, train, ens_cfg.members)
         elif getattr(train, "fine_tune_epochs", 0) > 0:  # the first version of the change
             cfg = replace(cfg, epochs=min(cfg.epochs, train.fine_tune_epochs))
@@ -84,6 +86,7 @@ def main() -> None:
     result.update(
         {
             "first_job_seconds": t1,
+            "first_job_segmentation_seconds": m1.get("segmentation", {}).get("seconds"),
             "retrain_job_seconds": t2,
             "retrain": {
                 "fine_tuned": m2["fine_tuned"],
@@ -91,6 +94,10 @@ def main() -> None:
                 "decoder_epochs": m2["train_config"]["decoder_epochs"],
                 "human_masks": m2["human_masks"],
                 "decoder_seconds": m2.get("decoders", {}).get("seconds"),
+                "segmentation_seconds": m2.get("segmentation", {}).get("seconds"),
+                "seg_steps": [
+                    m2["train_config"].get(k) for k in ("seg_min_steps", "seg_max_steps")
+                ],
                 "members": {
                     k: {"epochs_run": len(v["history"]), "seconds": v.get("seconds")}
                     for k, v in m2["members"].items()

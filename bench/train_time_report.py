@@ -71,11 +71,24 @@ def anatomy_rows(folder: Path) -> list[str]:
     return rows
 
 
+def _steps(t: dict) -> str:
+    """Segmentation steps per member of the retraining job (16 masks: 20 per mask in [min, max])."""
+    if "seg_steps" not in t:
+        return "–"
+    low, high = t["seg_steps"]
+    return str(min(high, max(low, 20 * t["human_masks"])))
+
+
+def _seconds(t: dict, key: str) -> str:
+    return "–" if t.get(key) is None else f"{t[key]:.0f}"
+
+
 def retrain_rows(folder: Path) -> list[str]:
     rows = [
         "| trainer | first job s | retraining job s | classifier epochs | decoder epochs "
-        "| decoder s | hold-out PxAP / Dice fg: previous -> new (1 mask) |",
-        "|---|---|---|---|---|---|---|",
+        "| decoder s | segmentation steps | segmentation s "
+        "| hold-out PxAP / Dice fg: previous -> new (1 mask) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for path in sorted(folder.glob("*.json")):
         r = json.loads(path.read_text())
@@ -85,7 +98,8 @@ def retrain_rows(folder: Path) -> list[str]:
         rows.append(
             f"| {r['label']} | {r['first_job_seconds']['total']:.0f} "
             f"| {r['retrain_job_seconds']['total']:.0f} | {t['epochs']} | {t['decoder_epochs']} "
-            f"| {t['decoder_seconds']:.0f} | {old['pxap']:.1f} / {old['dice_fg']:.1f} -> "
+            f"| {t['decoder_seconds'] or 0:.0f} | {_steps(t)} | {_seconds(t, 'segmentation_seconds')} "
+            f"| {old['pxap']:.1f} / {old['dice_fg']:.1f} -> "
             f"{new['pxap']:.1f} / {new['dice_fg']:.1f} |"
         )
     return rows

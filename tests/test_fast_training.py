@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -27,10 +28,17 @@ def test_top_of_trunk_is_the_feature_map(name, output_stride):
         whole = member.feature_map(x)
         trunk = member.trunk_features(x)
         two_steps = member.top_features(trunk)
+        fine = member.trunk_features(x, 8)
+        fine_steps = member.top_features(fine, 8)
         _, taps = member.features_and_taps(x)
-    assert torch.equal(whole, two_steps)
+    assert torch.equal(whole, two_steps) and torch.equal(whole, fine_steps)
+    assert fine.shape[-2:] == (12, 16)
     if output_stride == 32:  # the trunk ends at the stride-16 decoder tap
         assert trunk.shape[-2:] == (6, 8) and torch.equal(trunk, taps[-2])
+    # A stride-8 trunk leaves the stride-16 stages to the top: strictly more to train.
+    assert set(map(id, member.top_parameters())) < set(map(id, member.top_parameters(8)))
+    with pytest.raises(ValueError, match="trunk_stride"):
+        member.trunk_features(x, 4)
     # The split registers nothing: state dicts are those of an unsplit member.
     assert set(member.state_dict()) == set(
         dict(build_member(name, 2, "none", output_stride=output_stride, decoder=True).state_dict())
@@ -94,25 +102,32 @@ def _lite_config(ds):
     )
 
 
-def test_banked_member_trains_only_its_top(disks):
+@pytest.mark.parametrize("trunk_stride", [16, 8])
+def test_banked_member_trains_only_its_top(disks, trunk_stride):
     torch.manual_seed(0)
     member = build_member("efficientnet_lite0", 2, "imagenet", 0.5)
     before = {k: v.clone() for k, v in member.state_dict().items()}
     train = ImageDataset(disks.split("train"), disks.classes, (64, 64), augment=True)
-    cfg = TrainConfig(epochs=2, progress=False, feature_views=2)
+    cfg = TrainConfig(epochs=2, progress=False, feature_views=2, trunk_stride=trunk_stride)
     report = train_member(member, train, None, cfg, pretrained=True)
     assert report["trainer"] == "feature bank" and report["feature_views"] == 2
+    assert report["trunk_stride"] == trunk_stride
     assert set(report["seconds"]) == {"feature_bank", "epochs", "validation"}
     after = member.state_dict()
-    top = {id(p) for p in member.top_parameters()} | {id(p) for p in member.head_parameters()}
     names = {id(p): n for n, p in member.named_parameters()}
+    top_names = {names[id(p)] for p in member.top_parameters(trunk_stride)}
     moved = {n for n in after if not torch.equal(before[n], after[n])}
     assert moved, "nothing trained"
     # Every changed tensor belongs to the top or the head; the trunk and its BatchNorm
     # statistics are exactly the ImageNet ones.
-    top_names = {names[i] for i in top}
-    assert moved <= top_names, sorted(moved - top_names)[:5]
+    head = {names[id(p)] for p in member.head_parameters()}
+    assert moved <= top_names | head, sorted(moved - top_names - head)[:5]
     assert "features.net._conv_stem.weight" not in moved
+    # The stride-16 stages (between the two trunk ends) train only with the stride-8 trunk.
+    middle = {names[id(p)] for p in member.top_parameters(8)} - {
+        names[id(p)] for p in member.top_parameters(16)
+    }
+    assert bool(moved & middle) == (trunk_stride == 8)
 
 
 def test_whole_backbone_trainer_stays_for_minmax_scratch_and_opt_out(disks):
@@ -170,3 +185,21 @@ def test_a_job_fine_tuning_the_serving_version_runs_the_short_schedule(monkeypat
     # Never longer than the full schedule.
     few = fine_tune_schedule(TrainConfig(epochs=3, decoder_epochs=10), TrainingSettings(), lite)
     assert (few.epochs, few.decoder_epochs) == (3, 10)
+    # A version whose decoder already learned from masks: a few segmentation steps from it,
+    # no weak decoder stage; a version without that keeps the mask schedule.
+    seg = fine_tune_schedule(cfg, TrainingSettings(), lite, previous_segmented=True)
+    assert (seg.epochs, seg.decoder_epochs, seg.seg_min_steps, seg.seg_max_steps) == (6, 0, 40, 40)
+    assert (short.seg_min_steps, short.seg_max_steps) == (cfg.seg_min_steps, cfg.seg_max_steps)
+    monkeypatch.setenv("TRAIN_FINE_TUNE_SEG_STEPS", "0")
+    kept = fine_tune_schedule(cfg, TrainingSettings.from_env(), lite, previous_segmented=True)
+    assert (kept.decoder_epochs, kept.seg_max_steps) == (40, cfg.seg_max_steps)
+
+
+def test_a_version_is_segmented_once_its_decoder_trained_on_masks():
+    from backend.jobs import segmented
+
+    conf = EnsembleConfig(classes=["a", "b"], members=["tiny"], decoder=True)
+    assert not segmented(None) and not segmented(SimpleNamespace(config=conf))
+    assert segmented(SimpleNamespace(config=dataclasses.replace(conf, decoder_scale=2.0)))
+    no_decoder = dataclasses.replace(conf, decoder=False, map_source="cam", decoder_scale=2.0)
+    assert not segmented(SimpleNamespace(config=no_decoder))

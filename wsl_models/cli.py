@@ -101,6 +101,14 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "(finer CAMs, slower)",
     )
     t.add_argument(
+        "--trunk-stride",
+        type=int,
+        default=TrainConfig.trunk_stride,
+        choices=[8, 16],
+        help="pretrained members train only the stages after this stride, on cached trunk "
+        "outputs: 16 is faster, 8 kept the whole-backbone trainer's accuracy on brain MRI",
+    )
+    t.add_argument(
         "--seeding",
         default=TrainConfig.decoder_seeding,
         choices=["probability", "region"],
@@ -180,6 +188,7 @@ def _train(args: argparse.Namespace) -> int:
     cfg = TrainConfig(
         decoder_epochs=args.decoder_epochs,
         decoder_steps=args.decoder_steps,
+        trunk_stride=args.trunk_stride,
         decoder_seeding=args.seeding,
         decoder_seed_scales=tuple(float(v) for v in args.seed_scales.split(",") if v),
         decoder_select=args.decoder_select,

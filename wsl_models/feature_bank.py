@@ -49,6 +49,7 @@ class FeatureBank:
         device: torch.device,
         batch_size: int = 16,
         budget_mb: float = DEFAULT_BUDGET_MB,
+        trunk_stride: int = 16,
     ) -> FeatureBank:
         """``views`` draws of ``ds`` (one when it does not augment) through the frozen trunk.
 
@@ -68,7 +69,7 @@ class FeatureBank:
                         items = [ds[i] for i in range(start, min(start + batch_size, n))]
                         x = torch.stack([it[0] for it in items]).to(device)
                         x = x.contiguous(memory_format=torch.channels_last)
-                        chunks.append(member.trunk_features(x).float().contiguous())
+                        chunks.append(member.trunk_features(x, trunk_stride).float().contiguous())
                         if len(items[0]) == 4:
                             tchunks.append(torch.stack([it[2] for it in items]).to(device))
                     feats.append(torch.cat(chunks))

@@ -26,6 +26,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # EfficientNet-Lite was trained in TensorFlow on (x - 127) / 128.
 LITE_MEAN = (0.5, 0.5, 0.5)
 LITE_STD = (0.5, 0.5, 0.5)
+# Where a frozen trunk may end (training.py's feature bank; TrainConfig.trunk_stride).
+TRUNK_STRIDES = (16, 8)
 
 
 # The taps of the forward running in this thread (or None: nobody asked). Forward hooks write
@@ -107,15 +109,16 @@ class Member(nn.Module):
         localizer: bool = False,
         taps: tuple[str, ...] = (),
         decoder: bool = False,
-        split: Callable[[nn.Module], FeatureSplit] | None = None,
+        split: Callable[[nn.Module, int], FeatureSplit] | None = None,
     ) -> None:
         super().__init__()
         self.name = name
         self.features = features
-        # Where the frozen trunk ends (stride 16) and the fine-tuned top begins; None: no split
-        # (the whole backbone trains). A plain attribute: the modules stay under ``features``,
-        # so state dicts are those of an unsplit member.
-        self.split = split(features) if split is not None else None
+        # Where a frozen trunk ends (at stride 16 or 8) and the fine-tuned top begins; None: no
+        # split (the whole backbone trains). Plain attributes: the modules stay under
+        # ``features``, so state dicts are those of an unsplit member.
+        self._splits = {s: split(features, s) for s in TRUNK_STRIDES} if split else None
+        self.split = self._splits[16] if self._splits else None
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(channels, num_classes)
         # The min-max entropy localizer: a 1x1 conv on the same feature map -> one foreground
@@ -143,23 +146,27 @@ class Member(nn.Module):
     def feature_map(self, x: torch.Tensor) -> torch.Tensor:
         return self.features((x - self.mean) / self.std)
 
-    def trunk_features(self, x: torch.Tensor) -> torch.Tensor:
-        """The trunk's output (stride 16), the input of ``top_features``."""
-        if self.split is None:
+    def feature_split(self, trunk_stride: int = 16) -> FeatureSplit:
+        """The trunk/top split whose trunk ends at ``trunk_stride`` (16 or 8)."""
+        if self._splits is None:
             raise ValueError(f"member {self.name} has no trunk/top split")
-        return self.split.trunk((x - self.mean) / self.std)
+        if trunk_stride not in self._splits:
+            raise ValueError(f"trunk_stride must be one of {TRUNK_STRIDES}, not {trunk_stride}")
+        return self._splits[trunk_stride]
 
-    def top_features(self, trunk: torch.Tensor) -> torch.Tensor:
+    def trunk_features(self, x: torch.Tensor, trunk_stride: int = 16) -> torch.Tensor:
+        """The trunk's output (at ``trunk_stride``), the input of ``top_features``."""
+        return self.feature_split(trunk_stride).trunk((x - self.mean) / self.std)
+
+    def top_features(self, trunk: torch.Tensor, trunk_stride: int = 16) -> torch.Tensor:
         """The last feature map from the trunk's output: ``feature_map(x)`` in two steps."""
-        if self.split is None:
-            raise ValueError(f"member {self.name} has no trunk/top split")
-        return self.split.top(trunk)
+        return self.feature_split(trunk_stride).top(trunk)
 
-    def top_parameters(self) -> list[nn.Parameter]:
+    def top_parameters(self, trunk_stride: int = 16) -> list[nn.Parameter]:
         """The backbone parameters after the trunk (all of them without a split)."""
-        if self.split is None:
+        if self._splits is None:
             return self.backbone_parameters()
-        return [p for m in self.split.top_modules for p in m.parameters()]
+        return [p for m in self.feature_split(trunk_stride).top_modules for p in m.parameters()]
 
     def features_and_taps(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """One backbone forward: the last feature map and the decoder's taps (fine -> coarse,
@@ -216,8 +223,9 @@ class FeatureSplit:
 
     Fine-tuning on a few hundred images barely moves the lower stages (frozen BatchNorm, 10x
     lower backbone learning rate), so the trainer freezes the trunk, runs it once per image
-    view and trains only the top (``training.py``). The trunk ends where the last stride-2 stage
-    begins (stride 16 at output stride 32): the stride-16 decoder tap is its output.
+    view and trains only the top (``training.py``). A stride-16 trunk ends where the last
+    stride-2 stage begins (at output stride 32 the stride-16 decoder tap is its output); a
+    stride-8 trunk where the stride-16 stages begin, so they train too.
     """
 
     trunk: Callable[[torch.Tensor], torch.Tensor]
@@ -233,18 +241,22 @@ def _sequential_split(
     return FeatureSplit(trunk, top, tuple(top))
 
 
-def _resnet50_split(body: nn.Module) -> FeatureSplit:
-    return _sequential_split(body, 7)  # conv1 .. layer3 | layer4
+def _resnet50_split(body: nn.Module, trunk_stride: int) -> FeatureSplit:
+    # conv1 .. layer3 | layer4 (16); conv1 .. layer2 | layer3, layer4 (8)
+    return _sequential_split(body, {16: 7, 8: 6}[trunk_stride])
 
 
-def _efficientnet_b0_split(body: nn.Module) -> FeatureSplit:
-    return _sequential_split(body, 6)  # stem .. stage 5 | stages 6, 7 and the 1x1 head conv
+def _efficientnet_b0_split(body: nn.Module, trunk_stride: int) -> FeatureSplit:
+    # stem .. stage 5 | stages 6, 7 and the 1x1 head conv (16); stem .. stage 3 | 4 .. (8)
+    return _sequential_split(body, {16: 6, 8: 4}[trunk_stride])
 
 
-def _densenet121_split(body: nn.Module) -> FeatureSplit:
+def _densenet121_split(body: nn.Module, trunk_stride: int) -> FeatureSplit:
     features, relu = body[0], body[1]
-    at = list(dict(features.named_children())).index("transition3")
-    return _sequential_split(features, at, (relu,))  # .. denseblock3 | transition3 .. relu
+    at = list(dict(features.named_children())).index(
+        {16: "transition3", 8: "transition2"}[trunk_stride]
+    )
+    return _sequential_split(features, at, (relu,))  # .. denseblock3 | transition3 .. relu (16)
 
 
 # ---------------------------------------------------------------- builders
@@ -324,9 +336,10 @@ def _efficientnet_b0(pretrained: bool, output_stride: int = 32) -> tuple[nn.Modu
 
 
 class _LiteFeatures(nn.Module):
-    """The package's ``extract_features``; ``split_at``: the block that opens the last stage."""
+    """The package's ``extract_features``; ``split_at``: the blocks that open the stride-16
+    and the last stage (trunks ending at stride 8 and 16)."""
 
-    def __init__(self, net: nn.Module, split_at: int) -> None:
+    def __init__(self, net: nn.Module, split_at: dict[int, int]) -> None:
         super().__init__()
         self.net = net
         self.split_at = split_at
@@ -344,8 +357,8 @@ class _LiteFeatures(nn.Module):
             x = net._blocks[idx](x, drop_connect_rate=rate)
         return x
 
-    def split(self) -> FeatureSplit:
-        net, at = self.net, self.split_at
+    def split(self, trunk_stride: int) -> FeatureSplit:
+        net, at = self.net, self.split_at[trunk_stride]
         n = len(net._blocks)
 
         def trunk(x: torch.Tensor) -> torch.Tensor:
@@ -382,7 +395,8 @@ def _lite(variant: int) -> Callable[..., tuple[nn.Module, int]]:
         # Our own dropout + head replace the package's classifier.
         net._fc = nn.Identity()
         net._dropout = nn.Identity()
-        return _LiteFeatures(net, last), net._conv_head.out_channels
+        down = [i for i, b in enumerate(blocks) if _stride(b._depthwise_conv) == 2 or i == last]
+        return _LiteFeatures(net, {16: last, 8: down[-2]}), net._conv_head.out_channels
 
     return build
 
@@ -424,7 +438,7 @@ class MemberSpec:
     offline_weights: bool = False
     taps: tuple[str, ...] | Callable[[nn.Module], tuple[str, ...]] = ()
     # The frozen-trunk / trainable-top split of the built feature module (None: none).
-    split: Callable[[nn.Module], FeatureSplit] | None = None
+    split: Callable[[nn.Module, int], FeatureSplit] | None = None
 
     def taps_of(self, features: nn.Module) -> tuple[str, ...]:
         return self.taps(features) if callable(self.taps) else self.taps

@@ -77,13 +77,14 @@ def _evaluate_loss(member: Member, ds: ImageDataset, device: torch.device, bs: i
 
 
 @torch.no_grad()
-def _evaluate_bank(member: Member, bank: FeatureBank, bs: int) -> tuple:
+def _evaluate_bank(member: Member, bank: FeatureBank, bs: int, trunk_stride: int) -> tuple:
     """``_evaluate_loss`` on cached trunk outputs (view 0, unaugmented)."""
     member.eval()
     loss, correct = 0.0, 0
     for i in range(0, len(bank), bs):
         h, y = bank.features[0, i : i + bs], bank.labels[i : i + bs]
-        logits = member.logits_from_pooled(member.top_features(h).mean(dim=(2, 3)))
+        top = member.top_features(h, trunk_stride)
+        logits = member.logits_from_pooled(top.mean(dim=(2, 3)))
         loss += float(nn.functional.cross_entropy(logits, y, reduction="sum"))
         correct += int((logits.argmax(1) == y).sum())
     return loss / len(bank), correct / len(bank)
@@ -195,8 +196,9 @@ class _BankedBatches:
     def __init__(self, member: Member, train_ds: ImageDataset, cfg: TrainConfig, device) -> None:
         self.member, self.cfg = member, cfg
         self.bank = FeatureBank.build(
-            member, train_ds, cfg.feature_views, device, cfg.batch_size, cfg.feature_bank_mb
-        )
+            member, train_ds, cfg.feature_views, device, cfg.batch_size, cfg.feature_bank_mb,
+            cfg.trunk_stride,
+        )  # fmt: skip
         self.weights = class_balanced_weights(train_ds.labels)
 
     def epoch(self):
@@ -214,7 +216,8 @@ class _BankedBatches:
             yield self.bank.batch(idx.to(device), views[start : start + bs].to(device), flip)
 
     def features(self, h: torch.Tensor) -> torch.Tensor:
-        return self.member.top_features(h.contiguous(memory_format=torch.channels_last))
+        h = h.contiguous(memory_format=torch.channels_last)
+        return self.member.top_features(h, self.cfg.trunk_stride)
 
 
 def train_member(
@@ -250,7 +253,9 @@ def train_member(
     if banked:
         source: _StreamingBatches | _BankedBatches = _BankedBatches(member, train_ds, cfg, device)
         val_bank = (
-            FeatureBank.build(member, val_ds, 1, device, cfg.batch_size)
+            FeatureBank.build(
+                member, val_ds, 1, device, cfg.batch_size, trunk_stride=cfg.trunk_stride
+            )
             if val_ds is not None and len(val_ds)
             else None
         )
@@ -260,7 +265,11 @@ def train_member(
     opt = torch.optim.AdamW(
         [
             {
-                "params": member.top_parameters() if banked else member.backbone_parameters(),
+                "params": (
+                    member.top_parameters(cfg.trunk_stride)
+                    if banked
+                    else member.backbone_parameters()
+                ),
                 "lr": cfg.lr * factor,
             },
             {"params": member.head_parameters(), "lr": cfg.lr},
@@ -315,7 +324,7 @@ def train_member(
             if distributed.is_main():  # one rank validates; all take its numbers and decisions
                 if banked and val_bank is not None:
                     row["val_loss"], row["val_acc"] = _evaluate_bank(
-                        member, val_bank, cfg.batch_size
+                        member, val_bank, cfg.batch_size, cfg.trunk_stride
                     )
                 elif val_ds is not None and len(val_ds):
                     row["val_loss"], row["val_acc"] = _evaluate_loss(
@@ -352,6 +361,7 @@ def train_member(
         "select": select,
         "trainer": "feature bank" if banked else "whole backbone",
         "feature_views": source.bank.views if banked else None,
+        "trunk_stride": cfg.trunk_stride if banked else None,
         "seconds": seconds,
     }
 

@@ -1,5 +1,8 @@
 """Why the decoder does what it does on GlaS: seed precision, and decoder-only retraining.
 
+    # which seed map localizes best on the train masks (1x and 2x the input):
+    python bench/decoder_diagnostics.py seedmaps --model MODEL_DIR \
+        --cams xgradcam,gradcam++,layercam,layercam@16,layercam@8 --json OUT.json
     # how often the CAM seeds are right, on the training images (not the test split):
     python bench/decoder_diagnostics.py seeds --model MODEL_DIR --cams xgradcam,gradcam++,cam
     # retrain only the decoders of a saved model with other TrainConfig values:
@@ -29,7 +32,7 @@ import torch
 
 from wsl_models import decoder_training
 from wsl_models.calibration import calibration_samples, mask_thresholds
-from wsl_models.cam import cam_method, resize_maps
+from wsl_models.cam import cam_method, normalize_maps, resize_maps
 from wsl_models.data import ImageDataset, load_dataset, load_masks, stratified_holdout
 from wsl_models.decoder import FPNDecoder
 from wsl_models.decoder_training import plan_targets, train_decoders
@@ -170,9 +173,51 @@ def retrain(args: argparse.Namespace) -> None:
         path.write_text(json.dumps([*rows, row], indent=2))
 
 
+def seed_maps(args: argparse.Namespace) -> None:
+    """PxAP of candidate seed maps (the true class's, min over members) on every GlaS *train*
+    image at 1x and 2x the input, scored at the input size: which map the seeds should come
+    from, chosen on train masks. ``--cams`` names closed-form methods, or ``layercam@8`` /
+    ``layercam@16``: pytorch-grad-cam's LayerCAM at the decoder's stride-8 / stride-16 tap."""
+    from pytorch_grad_cam import LayerCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    from wsl_models.images import scaled_size
+    from wsl_models.metrics import pxap
+
+    ens = ModelStore(args.model).load()
+    samples = load_dataset(args.data).split("train")
+    size = tuple(ens.config.image_size)
+    truths = [resize_mask(t, size).astype(bool) for t in load_masks(samples)]
+
+    def member_map(member, x: torch.Tensor, c: int, name: str) -> torch.Tensor:
+        if "@" not in name:
+            with torch.no_grad():
+                return cam_method(name)(member, x)[0, c]
+        modules = dict(member.features.named_modules())
+        layer = modules[member.taps[{"8": -2, "16": -1}[name.split("@")[1]]]]
+        with LayerCAM(model=member, target_layers=[layer]) as cam:
+            return torch.from_numpy(cam(input_tensor=x, targets=[ClassifierOutputTarget(c)])[0])
+
+    rows = []
+    for scale in (1.0, 2.0):
+        ids = ImageDataset(samples, ens.config.classes, scaled_size(size, scale))
+        for name in args.cams.split(","):
+            start, maps = time.perf_counter(), []
+            for i in range(len(ids)):
+                x, c = ids[i][0][None], int(ids[i][1])
+                per = [member_map(m, x, c, name) for m in ens.members]
+                per = normalize_maps(resize_maps(torch.stack([m.float() for m in per]), size))
+                maps.append(per.numpy().min(0))
+            rows.append({"cam": name, "scale": scale, "train_pxap": round(pxap(maps, truths), 1),
+                         "seconds": round(time.perf_counter() - start, 1)})  # fmt: skip
+            print(json.dumps(rows[-1]), flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"model": args.model, "rows": rows}, indent=2))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("what", choices=["seeds", "retrain"])
+    p.add_argument("what", choices=["seeds", "retrain", "seedmaps"])
     p.add_argument("--model", required=True)
     p.add_argument("--data", default="../shared/data/glas")
     p.add_argument("--cams", default="xgradcam,gradcam++,cam")
@@ -181,7 +226,7 @@ def main() -> None:
     p.add_argument("settings", nargs="*", help="retrain: TrainConfig field=value ...")
     args = p.parse_intermixed_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    {"seeds": seeds, "retrain": retrain}[args.what](args)
+    {"seeds": seeds, "retrain": retrain, "seedmaps": seed_maps}[args.what](args)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 from pytorch_grad_cam import GradCAMPlusPlus as LibGradCAMPlusPlus
+from pytorch_grad_cam import LayerCAM as LibLayerCAM
 from pytorch_grad_cam import XGradCAM as LibXGradCAM
 from pytorch_grad_cam.utils.image import scale_cam_image
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
@@ -11,6 +12,7 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from wsl_models.cam import (
     GradCAM,
     GradCAMPlusPlus,
+    LayerCAM,
     LibraryCAM,
     UnknownCAMError,
     XGradCAM,
@@ -42,6 +44,11 @@ def test_xgradcam_matches_pytorch_grad_cam(name):
 @pytest.mark.parametrize("name", ["resnet50", "densenet121", "efficientnet_lite0"])
 def test_gradcam_plusplus_matches_pytorch_grad_cam(name):
     _check_against_library(name, GradCAMPlusPlus(), LibGradCAMPlusPlus)
+
+
+@pytest.mark.parametrize("name", ["densenet121", "efficientnet_lite0"])
+def test_layercam_matches_pytorch_grad_cam(name):
+    _check_against_library(name, LayerCAM(), LibLayerCAM)
 
 
 def _check_against_library(name, method, library_cls):
@@ -76,7 +83,7 @@ def test_xgradcam_shares_one_forward_for_all_classes():
 def test_library_methods_by_name():
     member = _trained_like("tiny", classes=2)
     x = torch.rand(2, 3, 64, 64)
-    method = cam_method("layercam")
+    method = cam_method("lib-layercam")
     assert isinstance(method, LibraryCAM)
     maps = method(member, x)
     assert maps.shape == (2, 2, 64, 64)

@@ -169,3 +169,19 @@ def test_region_seeding_is_still_an_option(disks):
     with pytest.raises(ValueError, match="decoder_seeding"):
         _train(disks, decoder_seeding="uniform")
     assert isinstance(ensemble, Ensemble)
+
+
+def test_seed_cam_is_the_ensembles_by_default_and_must_be_closed_form():
+    from types import SimpleNamespace
+
+    from wsl_models.cam import GradCAMPlusPlus, LayerCAM, XGradCAM
+    from wsl_models.decoder_training import seed_cam_method
+
+    ensemble = SimpleNamespace(cam=XGradCAM())
+    assert isinstance(seed_cam_method(ensemble, TrainConfig()), XGradCAM)
+    plus = TrainConfig(decoder_seed_cam="gradcam++")
+    assert isinstance(seed_cam_method(ensemble, plus), GradCAMPlusPlus)
+    layer = TrainConfig(decoder_seed_cam="layercam")
+    assert isinstance(seed_cam_method(ensemble, layer), LayerCAM)
+    with pytest.raises(ValueError, match="closed-form"):
+        seed_cam_method(ensemble, TrainConfig(decoder_seed_cam="lib-layercam"))

@@ -4,7 +4,7 @@ For a GAP -> linear head, d y_c / d A_k(i, j) = W_ck / (h w) everywhere, so grad
 CAM methods whose weights only use that gradient are closed-form in the feature map: all
 classes of a member come from ONE forward pass, no backward. Each method is a subclass that
 overrides ``channel_weights`` (the pytorch-grad-cam pattern). Methods that need more (Grad-CAM++
-on other heads, Score-CAM, EigenCAM, LayerCAM) run through pytorch-grad-cam by name.
+on other heads, Score-CAM, EigenCAM, LayerCAM at other layers) run through pytorch-grad-cam by name.
 """
 
 from __future__ import annotations
@@ -80,6 +80,19 @@ class GradCAMPlusPlus(AnalyticCAM):
         return h * w * torch.relu(g) * a
 
 
+class LayerCAM(AnalyticCAM):
+    """LayerCAM (Jiang et al., TIP 2021) at the last layer: sum_k relu(dy_c/dA_k(ij)) A_k(ij).
+    With the constant gradient W_ck / (h w) it keeps only the positively weighted channels,
+    each by its weight. A better seed map than XGrad-CAM on GlaS's train masks
+    (docs/weak-masks.md)."""
+
+    name = "layercam"
+
+    def channel_weights(self, features: torch.Tensor, head_weight: torch.Tensor) -> torch.Tensor:
+        h, w = features.shape[-2:]
+        return torch.relu(super().channel_weights(features, head_weight)) / (h * w)
+
+
 class LibraryCAM:
     """Any pytorch-grad-cam method by name; one forward + backward per class (slow path)."""
 
@@ -107,7 +120,7 @@ def _library_methods() -> dict[str, type]:
 
     return {
         "lib-gradcam++": g.GradCAMPlusPlus,
-        "layercam": g.LayerCAM,
+        "lib-layercam": g.LayerCAM,
         "eigencam": g.EigenCAM,
         "scorecam": g.ScoreCAM,
         "lib-xgradcam": g.XGradCAM,
@@ -116,7 +129,7 @@ def _library_methods() -> dict[str, type]:
 
 
 ANALYTIC: dict[str, type[AnalyticCAM]] = {
-    c.name: c for c in (AnalyticCAM, GradCAM, XGradCAM, GradCAMPlusPlus)
+    c.name: c for c in (AnalyticCAM, GradCAM, XGradCAM, GradCAMPlusPlus, LayerCAM)
 }
 
 

@@ -120,6 +120,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         help="seed CAMs from the image at these multiples of the input size, averaged",
     )
     t.add_argument(
+        "--seed-cam",
+        default=TrainConfig.decoder_seed_cam or "ensemble",
+        help="closed-form CAM the decoder's seeds come from: 'ensemble' (the --cam method, "
+        "default), gradcam++, layercam, xgradcam, gradcam, cam",
+    )
+    t.add_argument(
         "--decoder-select",
         default=TrainConfig.decoder_select,
         choices=["localization", "last"],
@@ -191,6 +197,7 @@ def _train(args: argparse.Namespace) -> int:
         trunk_stride=args.trunk_stride,
         decoder_seeding=args.seeding,
         decoder_seed_scales=tuple(float(v) for v in args.seed_scales.split(",") if v),
+        decoder_seed_cam=None if args.seed_cam == "ensemble" else args.seed_cam,
         decoder_select=args.decoder_select,
         train_masks=args.train_masks,
         mask_weight=args.mask_weight,

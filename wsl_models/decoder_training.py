@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from .cam import cam_method, resize_maps
+from .cam import ANALYTIC, AnalyticCAM, cam_method, resize_maps
 from .data import ImageDataset, Sample, load_masks
 from .ensemble import Ensemble
 from .masks import resize_mask
@@ -172,9 +172,19 @@ class SeedDrawer:
         return out
 
 
-def seed_cam_method(ensemble: Ensemble, cfg: TrainConfig):
-    """The closed-form CAM the seeds come from: ``cfg.decoder_seed_cam`` or the ensemble's."""
-    return default_cam(cam_method(cfg.decoder_seed_cam) if cfg.decoder_seed_cam else ensemble.cam)
+def seed_cam_method(ensemble: Ensemble, cfg: TrainConfig) -> AnalyticCAM:
+    """The closed-form CAM the seeds come from: ``cfg.decoder_seed_cam`` or the ensemble's
+    (XGrad-CAM when the ensemble's is a library method). A named library method is an error:
+    the seed plan needs one forward per image for every class."""
+    if not cfg.decoder_seed_cam:
+        return default_cam(ensemble.cam)
+    method = cam_method(cfg.decoder_seed_cam)
+    if not isinstance(method, AnalyticCAM):
+        known = ", ".join(sorted(ANALYTIC))
+        raise ValueError(
+            f"decoder_seed_cam must be a closed-form CAM ({known}), not {cfg.decoder_seed_cam!r}"
+        )
+    return method
 
 
 @torch.no_grad()

@@ -70,7 +70,9 @@ class TrainConfig:
     # The decoder (decoder_training.py), trained after the classifiers with them frozen, on
     # cached taps. Seeds (seeds.py), fresh every step, from seed CAMs computed on the image at
     # decoder_seed_scales x the input size (2: a 14x14 CAM where the model sees 7x7; several
-    # scales are averaged) with decoder_seed_cam (None: the ensemble's CAM method).
+    # scales are averaged) with decoder_seed_cam (None: the ensemble's CAM method). Grad-CAM++
+    # seeds won on GlaS (train-mask map PxAP 63.0 vs 59.1, decoders +1.7 on test) and lost on
+    # LGG (decoder PxAP 45.4 vs 52.0, two seeds): not the default (docs/weak-masks.md).
     # decoder_seeding "probability": decoder_seed_fg pixels drawn with probability ~ the
     # agreeing members' consensus (min), decoder_seed_bg ~ 1 - their max (NEGEV). "region":
     # uniformly where the consensus is above its Otsu threshold (eroded decoder_seed_erode

@@ -22,8 +22,9 @@ from typing import Any
 from huey import SqliteHuey
 
 from wsl_models.data import load_dataset
-from wsl_models.ensemble import Ensemble, EnsembleConfig
+from wsl_models.ensemble import EnsembleConfig
 from wsl_models.images import parse_size
+from wsl_models.mask_training import segmented
 from wsl_models.members import LITE_TRIO, member_spec
 from wsl_models.promotion import Tolerance, holdout_scores, promote
 from wsl_models.training import TrainConfig, compatible, train_ensemble
@@ -135,13 +136,6 @@ def job_configs(
         decoder_epochs=train.decoder_epochs,
     )
     return ens_cfg, cfg
-
-
-def segmented(version: Ensemble | None) -> bool:
-    """Whether a version's decoder trained on the annotators' masks or clicks: the
-    segmentation stage records its scale (``seg_scale``, 2 by default) as ``decoder_scale``.
-    A version trained with ``seg_scale`` 1 is not told apart and gets the full schedule."""
-    return version is not None and version.config.decoder and version.config.decoder_scale > 1.0
 
 
 def fine_tune_schedule(

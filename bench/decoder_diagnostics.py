@@ -189,23 +189,28 @@ def seed_maps(args: argparse.Namespace) -> None:
     size = tuple(ens.config.image_size)
     truths = [resize_mask(t, size).astype(bool) for t in load_masks(samples)]
 
-    def member_map(member, x: torch.Tensor, c: int, name: str) -> torch.Tensor:
+    def map_of(name: str):
+        """(member, image, class) -> that member's map of the class, for one method."""
         if "@" not in name:
-            with torch.no_grad():
-                return cam_method(name)(member, x)[0, c]
-        modules = dict(member.features.named_modules())
-        layer = modules[member.taps[{"8": -2, "16": -1}[name.split("@")[1]]]]
-        with LayerCAM(model=member, target_layers=[layer]) as cam:
-            return torch.from_numpy(cam(input_tensor=x, targets=[ClassifierOutputTarget(c)])[0])
+            method = cam_method(name)
+            return lambda member, x, c: method(member, x)[0, c]
+        tap = {"8": -2, "16": -1}[name.split("@")[1]]
+        layers = {id(m): dict(m.features.named_modules())[m.taps[tap]] for m in ens.members}
+
+        def layer_cam(member, x: torch.Tensor, c: int) -> torch.Tensor:
+            with LayerCAM(model=member, target_layers=[layers[id(member)]]) as cam:
+                return torch.from_numpy(cam(input_tensor=x, targets=[ClassifierOutputTarget(c)])[0])
+
+        return layer_cam
 
     rows = []
     for scale in (1.0, 2.0):
         ids = ImageDataset(samples, ens.config.classes, scaled_size(size, scale))
         for name in args.cams.split(","):
-            start, maps = time.perf_counter(), []
+            start, maps, member_map = time.perf_counter(), [], map_of(name)
             for i in range(len(ids)):
                 x, c = ids[i][0][None], int(ids[i][1])
-                per = [member_map(m, x, c, name) for m in ens.members]
+                per = [member_map(m, x, c) for m in ens.members]
                 per = normalize_maps(resize_maps(torch.stack([m.float() for m in per]), size))
                 maps.append(per.numpy().min(0))
             rows.append({"cam": name, "scale": scale, "train_pxap": round(pxap(maps, truths), 1),

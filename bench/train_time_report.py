@@ -7,6 +7,9 @@ import statistics
 import sys
 from pathlib import Path
 
+from wsl_models.mask_training import segmentation_steps
+from wsl_models.train_config import TrainConfig
+
 STAGES = ("classifiers", "decoders", "calibration", "pixel_set", "save", "other")
 
 
@@ -72,11 +75,12 @@ def anatomy_rows(folder: Path) -> list[str]:
 
 
 def _steps(t: dict) -> str:
-    """Segmentation steps per member of the retraining job (16 masks: 20 per mask in [min, max])."""
+    """Segmentation steps per member of the retraining job, by the trainer's own rule."""
     if "seg_steps" not in t:
         return "–"
     low, high = t["seg_steps"]
-    return str(min(high, max(low, 20 * t["human_masks"])))
+    cfg = TrainConfig(seg_min_steps=low, seg_max_steps=high)
+    return str(segmentation_steps(cfg, t["human_masks"]))
 
 
 def _seconds(t: dict, key: str) -> str:

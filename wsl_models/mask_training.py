@@ -79,6 +79,13 @@ def segmentation_loss(
     return bce + dice_weight * soft_dice_loss(logits[dense], target[dense])
 
 
+def segmented(version: Ensemble | None) -> bool:
+    """Whether a version's decoder trained on the annotators' masks or clicks:
+    ``train_segmentation`` records its scale (``seg_scale``, 2 by default) as
+    ``decoder_scale``. A version trained with ``seg_scale`` 1 is not told apart."""
+    return version is not None and version.config.decoder and version.config.decoder_scale > 1.0
+
+
 def segmentation_steps(cfg: TrainConfig, masks: int) -> int:
     """Optimizer steps for ``masks`` human masks: per mask, within [min, max]; 0 without."""
     if masks <= 0 or cfg.seg_steps_per_mask <= 0:
@@ -330,6 +337,7 @@ __all__ = [
     "random_crops",
     "segmentation_loss",
     "segmentation_steps",
+    "segmented",
     "soft_dice_loss",
     "train_segmentation",
 ]

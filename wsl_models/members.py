@@ -118,7 +118,6 @@ class Member(nn.Module):
         # split (the whole backbone trains). Plain attributes: the modules stay under
         # ``features``, so state dicts are those of an unsplit member.
         self._splits = {s: split(features, s) for s in TRUNK_STRIDES} if split else None
-        self.split = self._splits[16] if self._splits else None
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(channels, num_classes)
         # The min-max entropy localizer: a 1x1 conv on the same feature map -> one foreground
@@ -137,6 +136,11 @@ class Member(nn.Module):
             # trains its classifier exactly as one without (same init, same batch draws).
             with torch.random.fork_rng(devices=[]):
                 self.decoder = FPNDecoder([*self._tap_channels(), channels])
+
+    @property
+    def split(self) -> FeatureSplit | None:
+        """The stride-16 trunk/top split; None for a member without one."""
+        return self._splits[16] if self._splits else None
 
     @property
     def target_layer(self) -> nn.Module:

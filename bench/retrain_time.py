@@ -69,7 +69,7 @@ def main() -> None:
     p.add_argument("--out", required=True)
     args = p.parse_args()
     settings = Settings(device="auto")
-    train = TrainingSettings()
+    train = TrainingSettings.from_env()  # TRAIN_* as a Label Studio job reads them
     result = {"label": args.label, "trainer": training.__file__, "machine": machine(),
               "loadavg_before": loadavg(), "annotations": vars(args)}  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:

@@ -25,12 +25,14 @@ import numpy as np
 import torch
 from scipy import ndimage
 
+from backend.jobs import TrainingSettings, fine_tune_schedule
 from wsl_models.acquisition import acquisition
 from wsl_models.clicks import click_radius, click_target, save_points, simulated_clicks
 from wsl_models.data import Dataset, ImageDataset, load_dataset, stratified_holdout
 from wsl_models.ensemble import Ensemble, EnsembleConfig
 from wsl_models.evaluation import evaluate
 from wsl_models.images import open_image, open_mask, parse_size, to_tensor
+from wsl_models.mask_training import segmented
 from wsl_models.train_config import recipe
 from wsl_models.training import TrainConfig, train_ensemble
 
@@ -178,7 +180,12 @@ def run_setting(setting: str, ds: Dataset, base: Ensemble, args: argparse.Namesp
         else:
             effort += traced_pixels(chosen)
         data = reveal(ds, revealed, clicked)
-        current, metrics = train_ensemble(data, current.config, tcfg, init=current)
+        rcfg = tcfg
+        if args.job_schedule:  # what a Label Studio job fine-tuning ``current`` would run
+            rcfg = fine_tune_schedule(
+                tcfg, TrainingSettings.from_env(), current.config.members, segmented(current)
+            )
+        current, metrics = train_ensemble(data, current.config, rcfg, init=current)
         row = {
             "round": r,
             "masks": len(revealed),
@@ -188,6 +195,14 @@ def run_setting(setting: str, ds: Dataset, base: Ensemble, args: argparse.Namesp
             "pseudo_masks": metrics["pseudo_masks"],
             "seconds": round(time.perf_counter() - t0, 1),
             "segmentation_seconds": metrics.get("segmentation", {}).get("seconds"),
+            "segmentation_steps": max(
+                (
+                    v.get("steps", 0)
+                    for v in metrics.get("segmentation", {}).values()
+                    if isinstance(v, dict)
+                ),
+                default=0,
+            ),  # fmt: skip
             **measure_all(current, ds),
         }
         rounds.append(row)
@@ -266,6 +281,7 @@ def summary(results: list[dict], args: argparse.Namespace) -> str:
         f"k={args.k} masks/round, {args.rounds} rounds, {args.init_epochs} base epochs, "
         f"{args.round_epochs} epochs/round, mask weight {args.mask_weight}, pseudo weight "
         f"{args.pseudo_weight}, seed {args.seed}"
+        + (", the Label Studio job's schedule" if getattr(args, "job_schedule", False) else "")
         + (f", settings {' '.join(args.set)}." if args.set else "."),
         "",
         "| setting | map | Dice-AUC | round 0 Dice fg / bg / PxAP | last round Dice fg / bg / PxAP | masks |",
@@ -302,6 +318,9 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-decoder", dest="decoder", action="store_false")
     p.add_argument("--set", action="append", default=[], help="TrainConfig field=value")
+    p.add_argument("--job-schedule", action="store_true",
+                   help="each round runs the schedule of a Label Studio job fine-tuning the "
+                   "previous round (backend.jobs.fine_tune_schedule, TRAIN_* settings)")  # fmt: skip
     p.add_argument("--score-on", choices=["test", "val"], default="test",
                    help="val: score on the held-out train images (to choose defaults)")  # fmt: skip
     p.add_argument("--out", default=str(OUT))

@@ -24,7 +24,7 @@ from wsl_models.clicks import (
 from wsl_models.data import load_dataset
 from wsl_models.ensemble import EnsembleConfig
 from wsl_models.evaluation import evaluate
-from wsl_models.mask_training import segmentation_loss
+from wsl_models.mask_training import click_affinity, segmentation_loss
 from wsl_models.supervision import IGNORE
 from wsl_models.synthetic import make_dataset
 from wsl_models.training import TrainConfig, train_ensemble
@@ -119,6 +119,20 @@ def test_submitted_keypoints_become_a_points_file(tmp_path):
     assert loaded["task_1.png"].points is not None and loaded["task_1.png"].mask is None
 
 
+def test_click_affinity_prefers_maps_that_follow_colour_edges():
+    """Spreading clicks along colour: a map that changes where the image's colour changes
+    costs less than one that cuts through a uniform region, and a uniform map costs ~0."""
+    image = torch.zeros(1, 3, 32, 32)
+    image[..., :, 16:] = 1.0  # two colours, left and right
+    along = torch.full((1, 1, 8, 8), -6.0)
+    along[..., :, 4:] = 6.0  # changes at the colour edge
+    across = torch.full((1, 1, 8, 8), -6.0)
+    across[..., 4:, :] = 6.0  # changes across each uniform half
+    cfg = TrainConfig()
+    assert click_affinity(along, image, cfg) < 0.25 * click_affinity(across, image, cfg)
+    assert float(click_affinity(torch.full((1, 1, 8, 8), 6.0), image, cfg)) < 0.01
+
+
 def test_clicks_alone_train_a_decoder_that_finds_the_disks(tmp_path):
     root = make_dataset(tmp_path / "d", {"train": 32, "test": 12}, (96, 96), 4)
     ds = load_dataset(root)
@@ -135,7 +149,7 @@ def test_clicks_alone_train_a_decoder_that_finds_the_disks(tmp_path):
     cfg = EnsembleConfig(list(ds.classes), ["tiny"], (96, 96), mask_classes=["lesion"])
     tcfg = TrainConfig(
         epochs=12, lr=3e-3, decoder_epochs=10, weights="none", progress=False, train_masks=True,
-        seg_steps_per_mask=4, seg_min_steps=40, seg_max_steps=60,
+        seg_steps_per_mask=4, seg_min_steps=40, seg_max_steps=60, seg_click_affinity_weight=1.0,
     )  # fmt: skip
     ens, metrics = train_ensemble(ds, cfg, tcfg)
     seg = metrics["segmentation"]

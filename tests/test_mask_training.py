@@ -18,6 +18,7 @@ from wsl_models.ensemble import Ensemble, EnsembleConfig
 from wsl_models.evaluation import evaluate
 from wsl_models.images import scaled_size
 from wsl_models.mask_training import (
+    ClassLoss,
     random_crops,
     segmentation_loss,
     segmentation_steps,
@@ -105,6 +106,28 @@ def test_the_classifier_sees_the_model_size_and_the_decoder_its_own_scale():
     assert torch.allclose(a.decoder_maps[0], direct)
     with pytest.raises(ValueError, match="decoder_scale"):
         EnsembleConfig(["a", "b"], ["tiny"], decoder_scale=0.5)
+
+
+@pytest.mark.parametrize("name", ["efficientnet_lite0", "tiny"])
+def test_the_class_loss_from_cached_trunks_is_the_whole_forward_and_trains_the_top(name):
+    """The segmentation stage's classification loss runs the top stage on trunk outputs
+    cached once per job: the same loss as the whole forward, with gradients in the top
+    stage and head (members without a split run the whole forward)."""
+    torch.manual_seed(0)
+    member = build_member(name, 2, weights="none", decoder=True).eval()
+    images = torch.randint(0, 256, (5, 3, 80, 72), dtype=torch.uint8)
+    labels = torch.tensor([0, 1, 1, 0, 1])
+    loss = ClassLoss(member, images, labels, (64, 64), torch.device("cpu"))
+    assert (loss.trunk is not None) == (member.split is not None)
+    idx = np.array([4, 0, 2, 2])
+    whole = F.interpolate(images[idx].float() / 255.0, size=(64, 64), mode="bilinear",
+                          antialias=True)  # fmt: skip
+    want = F.cross_entropy(member(whole), labels[idx])
+    got = loss(idx)
+    assert torch.allclose(got, want, atol=1e-5)
+    got.backward()
+    assert all(p.grad is not None for p in member.head_parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in member.top_parameters())
 
 
 @pytest.fixture(scope="module")

@@ -185,3 +185,24 @@ def test_seed_cam_is_the_ensembles_by_default_and_must_be_closed_form():
     assert isinstance(seed_cam_method(ensemble, layer), LayerCAM)
     with pytest.raises(ValueError, match="closed-form"):
         seed_cam_method(ensemble, TrainConfig(decoder_seed_cam="lib-layercam"))
+
+
+def test_bad_decoder_settings_fail_before_the_classifiers_train(disks, monkeypatch):
+    """A library CAM as seed map, an unknown seeding (also inside a recipe) or a bad epoch
+    rule: the trainer refuses at once, not after the classifiers' minutes of training."""
+    import wsl_models.training as training
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a classifier started training")
+
+    monkeypatch.setattr(training, "train_member", no_training)
+    cfg = EnsembleConfig(list(disks.classes), ["tiny"], (SIZE, SIZE), mask_classes=["lesion"])
+    bad = [
+        ({"decoder_seed_cam": "lib-layercam"}, "closed-form"),
+        ({"decoder_recipes": ("decoder_seeding=uniform",)}, "decoder_seeding"),
+        ({"decoder_select": "best"}, "decoder_select"),
+        ({"decoder_seed_scales": (0.0,)}, "decoder_seed_scales"),
+    ]
+    for options, message in bad:
+        with pytest.raises(ValueError, match=message):
+            train_ensemble(disks, cfg, TrainConfig(weights="none", progress=False, **options))

@@ -451,6 +451,28 @@ def train_decoder(
     }
 
 
+def check_decoder_settings(cfg: TrainConfig) -> None:
+    """Raise ValueError for decoder settings the decoder stage would reject, so a bad value
+    fails before the classifiers train rather than after (the trainer calls it first)."""
+    if cfg.decoder_select not in ("localization", "last"):
+        raise ValueError(
+            f"decoder_select must be 'localization' or 'last', not {cfg.decoder_select!r}"
+        )
+    if not cfg.decoder_seed_scales or min(cfg.decoder_seed_scales) <= 0:
+        raise ValueError(f"decoder_seed_scales must be positive, got {cfg.decoder_seed_scales}")
+    for rcfg in (cfg, *(recipe(cfg, text) for text in cfg.decoder_recipes)):
+        if rcfg.decoder_seeding not in ("probability", "region"):
+            raise ValueError(
+                f"decoder_seeding must be 'probability' or 'region', not {rcfg.decoder_seeding!r}"
+            )
+        if rcfg.decoder_seed_cam and not isinstance(cam_method(rcfg.decoder_seed_cam), AnalyticCAM):
+            known = ", ".join(sorted(ANALYTIC))
+            raise ValueError(
+                f"decoder_seed_cam must be a closed-form CAM ({known}), "
+                f"not {rcfg.decoder_seed_cam!r}"
+            )
+
+
 def train_decoders(
     ensemble: Ensemble,
     samples: Sequence[Sample],
@@ -464,12 +486,7 @@ def train_decoders(
     pixel-labelled images that choose each decoder's epoch (``cfg.decoder_select``)."""
     if cfg.decoder_epochs <= 0:
         return {"skipped": "decoder_epochs is 0"}
-    if cfg.decoder_select not in ("localization", "last"):
-        raise ValueError(
-            f"decoder_select must be 'localization' or 'last', not {cfg.decoder_select!r}"
-        )
-    if not cfg.decoder_seed_scales or min(cfg.decoder_seed_scales) <= 0:
-        raise ValueError(f"decoder_seed_scales must be positive, got {cfg.decoder_seed_scales}")
+    check_decoder_settings(cfg)
     start = time.perf_counter()
     held = HeldOut.of(ensemble, held_out) if cfg.decoder_select == "localization" else None
     # Other recipes only where held-out masks can tell them apart.

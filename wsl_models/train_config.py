@@ -136,6 +136,9 @@ class TrainConfig:
     seg_encoder_lr_factor: float = 0.1
     seg_dice_weight: float = 1.0
     seg_class_weight: float = 1.0
+    # Clicked images (sparse targets): the decoder's colour-affinity term on their crops
+    # (decoder_affinity_sigma / _dilations), so a click's label spreads to similar neighbours.
+    seg_click_affinity_weight: float = 0.0
     seg_eval_every: int = 20
 
 

@@ -32,7 +32,7 @@ from .data import (
     load_masks,
     stratified_holdout,
 )
-from .decoder_training import train_decoders
+from .decoder_training import check_decoder_settings, train_decoders
 from .ensemble import Ensemble, EnsembleConfig
 from .feature_bank import FeatureBank
 from .mask_training import train_segmentation
@@ -487,6 +487,8 @@ def train_ensemble(
         raise ValueError(f"select must be auto, loss, localization or last, not {cfg.select!r}")
     distributed.amp_settings(cfg.amp, resolve_device(cfg.device))  # validates the mode
     distributed.check_batch_size(cfg.batch_size)
+    if ens_cfg.decoder:
+        check_decoder_settings(cfg)
     fine_tune = compatible(init, ens_cfg)
     samples = dataset.split(split)
     val_named = [s for s in dataset.samples if s.split in ("val", "valid", "validation")]

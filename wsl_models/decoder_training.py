@@ -178,12 +178,15 @@ def seed_cam_method(ensemble: Ensemble, cfg: TrainConfig) -> AnalyticCAM:
     the seed plan needs one forward per image for every class."""
     if not cfg.decoder_seed_cam:
         return default_cam(ensemble.cam)
-    method = cam_method(cfg.decoder_seed_cam)
+    return _closed_form(cfg.decoder_seed_cam)
+
+
+def _closed_form(name: str) -> AnalyticCAM:
+    """The closed-form CAM ``name``; ValueError for a library method."""
+    method = cam_method(name)
     if not isinstance(method, AnalyticCAM):
         known = ", ".join(sorted(ANALYTIC))
-        raise ValueError(
-            f"decoder_seed_cam must be a closed-form CAM ({known}), not {cfg.decoder_seed_cam!r}"
-        )
+        raise ValueError(f"decoder_seed_cam must be a closed-form CAM ({known}), not {name!r}")
     return method
 
 
@@ -465,12 +468,8 @@ def check_decoder_settings(cfg: TrainConfig) -> None:
             raise ValueError(
                 f"decoder_seeding must be 'probability' or 'region', not {rcfg.decoder_seeding!r}"
             )
-        if rcfg.decoder_seed_cam and not isinstance(cam_method(rcfg.decoder_seed_cam), AnalyticCAM):
-            known = ", ".join(sorted(ANALYTIC))
-            raise ValueError(
-                f"decoder_seed_cam must be a closed-form CAM ({known}), "
-                f"not {rcfg.decoder_seed_cam!r}"
-            )
+        if rcfg.decoder_seed_cam:
+            _closed_form(rcfg.decoder_seed_cam)
 
 
 def train_decoders(

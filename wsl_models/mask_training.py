@@ -187,7 +187,6 @@ class ClassLoss:
         device: torch.device,
     ) -> None:
         self.member, self.labels, self.size, self.device = member, labels, size, device
-        self.images = images
         self.trunk: torch.Tensor | None = None
         if member.split is not None and len(images):
             member.eval()
@@ -196,6 +195,8 @@ class ClassLoss:
                     member.trunk_features(self._whole(images[i : i + 16]))
                     for i in range(0, len(images), 16)
                 ]).cpu()  # fmt: skip
+        # The images themselves only where every step needs them (no cached trunk).
+        self.images = images if self.trunk is None else None
 
     def _whole(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 images at the decoder's scale -> float at the model's input size."""

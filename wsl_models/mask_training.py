@@ -173,9 +173,8 @@ class ClassLoss:
 
     Below the top stage the backbone is frozen (and BatchNorm with it), so each image's trunk
     output never changes during the job: it is computed once here and every step runs only
-    the top stage and the head. That is the same loss as ``member(image)`` at less than
-    half the cost (Lite0, a batch of 8 at 224 px: 0.37 s instead of 0.86 s forward and
-    backward, profiled on this 2-core CPU while another run shared it).
+    the top stage and the head. That is the same loss as ``member(image)``, cheaper: the
+    32-mask job's segmentation stage took 487 s with it, 908 s before (docs/masks-and-clicks.md).
     A member without a trunk/top split runs the whole backbone each step."""
 
     def __init__(

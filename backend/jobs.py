@@ -65,6 +65,10 @@ class TrainingSettings:
     # decoder already learned from masks or clicks (it then skips the weak decoder stage, which
     # would only pull it back towards the CAM's seeds). 0: the full seg schedule.
     fine_tune_seg_steps: int = 40
+    # TRAIN_SEG_MAX_STEPS: the cap on a job's segmentation steps (20 per mask up to it). 400
+    # keeps a 32-mask job under 10 minutes on 2 CPU cores; a project that submits many masks
+    # at once may lift it (GlaS, 74 masks: 1200 beat 400 on held-out train images).
+    seg_max_steps: int = TrainConfig.seg_max_steps
     unlabelled: int = 50  # TRAIN_UNLABELLED: unannotated tasks used through pseudo-masks
     tolerance: float = 2.0  # PROMOTE_TOLERANCE: points a new version may lose and still win
 
@@ -89,6 +93,7 @@ class TrainingSettings:
                 e("TRAIN_FINE_TUNE_DECODER_EPOCHS", str(cls.fine_tune_decoder_epochs))
             ),
             fine_tune_seg_steps=int(e("TRAIN_FINE_TUNE_SEG_STEPS", str(cls.fine_tune_seg_steps))),
+            seg_max_steps=int(e("TRAIN_SEG_MAX_STEPS", str(cls.seg_max_steps))),
             unlabelled=int(e("TRAIN_UNLABELLED", str(cls.unlabelled))),
             tolerance=float(e("PROMOTE_TOLERANCE", str(cls.tolerance))),
         )
@@ -134,6 +139,7 @@ def job_configs(
         pseudo_bg=train.pseudo_bg,
         minmax=train.minmax,
         decoder_epochs=train.decoder_epochs,
+        seg_max_steps=train.seg_max_steps,
     )
     return ens_cfg, cfg
 

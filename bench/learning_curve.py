@@ -142,7 +142,8 @@ def _train_config(args: argparse.Namespace, epochs: int, **options: object) -> T
 
 
 def run_setting(setting: str, ds: Dataset, base: Ensemble, args: argparse.Namespace) -> dict:
-    parts = setting.split("+")
+    name, _, overrides = setting.partition("@")  # "full@seg_max_steps=1200;seg_lr=0.002"
+    parts = name.split("+")
     strategy, pseudo = parts[0], "pseudo" in parts
     full = strategy == "full"
     k_clicks = next((int(p[len("clicks") :]) for p in parts if p.startswith("clicks")), 0)
@@ -157,6 +158,7 @@ def run_setting(setting: str, ds: Dataset, base: Ensemble, args: argparse.Namesp
         pseudo_weight=args.pseudo_weight if pseudo else 0.0,
         minmax="minmax" in parts,
     )
+    tcfg = recipe(tcfg, overrides, prefix="")  # this setting's own TrainConfig fields
     train, _held = stratified_holdout(ds.split("train"), tcfg.val_fraction, tcfg.seed)
     revealed: set[str] = set()
     current = base
@@ -307,7 +309,12 @@ def main() -> None:
     p.add_argument("--data", default="../shared/data/glas")
     p.add_argument("--members", default="efficientnet_lite0")
     p.add_argument("--size", default="224")
-    p.add_argument("--settings", default="random,entropy,bald,random+pseudo")
+    p.add_argument(
+        "--settings",
+        default="random,entropy,bald,random+pseudo",
+        help="comma-separated; SETTING@field=value;field=value overrides TrainConfig "
+        "fields for that setting alone (e.g. full@seg_max_steps=1200)",
+    )
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--k", type=int, default=8)
     p.add_argument("--init-epochs", type=int, default=20)
@@ -334,7 +341,7 @@ def main() -> None:
     bases: dict[bool, Ensemble] = {}
     results = []
     for setting in settings:
-        minmax = "minmax" in setting.split("+")
+        minmax = "minmax" in setting.partition("@")[0].split("+")
         if minmax not in bases:
             bases[minmax] = train_base(ds, args, minmax)
         base = bases[minmax]

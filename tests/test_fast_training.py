@@ -195,6 +195,26 @@ def test_a_job_fine_tuning_the_serving_version_runs_the_short_schedule(monkeypat
     assert (kept.decoder_epochs, kept.seg_max_steps) == (40, cfg.seg_max_steps)
 
 
+def test_a_deployment_can_lift_the_cap_on_segmentation_steps(monkeypatch, tmp_path):
+    """TRAIN_SEG_MAX_STEPS reaches the job's TrainConfig: 20 steps per mask up to it."""
+    from backend.jobs import TrainingSettings, fine_tune_schedule, job_configs
+    from backend.settings import Settings
+    from wsl_models.mask_training import segmentation_steps
+
+    settings = Settings(model_dir=str(tmp_path))
+    _, default = job_configs(["a", "b"], None, TrainingSettings.from_env(), settings)
+    assert segmentation_steps(default, 74) == 400  # the default cap
+    monkeypatch.setenv("TRAIN_SEG_MAX_STEPS", "1200")
+    train = TrainingSettings.from_env()
+    _, lifted = job_configs(["a", "b"], None, train, settings)
+    assert (segmentation_steps(lifted, 8), segmentation_steps(lifted, 32)) == (160, 640)
+    assert segmentation_steps(lifted, 74) == 1200
+    # A job fine-tuning a segmented version still runs its few steps.
+    lite = train.members.split(",")
+    short = fine_tune_schedule(lifted, train, lite, previous_segmented=True)
+    assert segmentation_steps(short, 74) == train.fine_tune_seg_steps
+
+
 def test_a_version_is_segmented_once_its_decoder_trained_on_masks():
     from backend.jobs import segmented
 

@@ -71,6 +71,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     )
     t.add_argument("--mask-weight", type=float, default=5.0)
     t.add_argument(
+        "--seg-max-steps",
+        type=int,
+        default=TrainConfig.seg_max_steps,
+        help="with --train-masks: cap on the segmentation steps (20 per mask up to it)",
+    )
+    t.add_argument(
         "--minmax", action="store_true", help="also train the min-max entropy localizer head"
     )
     t.add_argument(
@@ -201,6 +207,7 @@ def _train(args: argparse.Namespace) -> int:
         decoder_select=args.decoder_select,
         train_masks=args.train_masks,
         mask_weight=args.mask_weight,
+        seg_max_steps=args.seg_max_steps,
         minmax=args.minmax,
         epochs=args.epochs,
         batch_size=args.batch_size,

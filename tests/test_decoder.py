@@ -142,6 +142,48 @@ def test_decoder_masks_follow_synthetic_disks_from_image_labels_only(disks, weak
     assert ensemble.predict(x).decoder_maps[0].shape == (1, 1, SIZE // 2, SIZE // 2)
 
 
+def test_without_held_out_masks_the_decoder_threshold_matches_the_cams_mask_area(disks, weak):
+    """No pixel-labelled held-out images: the weak decoder's threshold is the lowest grid
+    value whose masks cover no more of the training images than the CAMs' masks do, and they
+    still find the disks; normal images still get no mask."""
+    import copy
+
+    from wsl_models.calibration import AREA_GRID, calibrate
+    from wsl_models.data import ImageDataset
+
+    ensemble = copy.deepcopy(weak[0])
+    ensemble.config.decoder_threshold = 0.5
+    cfg = ensemble.config
+    train = disks.split("train")
+    empty = ImageDataset([], cfg.classes, cfg.image_size)
+    report = calibrate(ensemble, empty, [], 0, 0.9, weak_decoder_images=train)
+    found = report["decoder_threshold"]
+    assert found["rule"] == "cam_area" and cfg.decoder_threshold == found["threshold"]
+    lesions = [s for s in train if s.label == "lesion"]
+    assert found["images"] == len(lesions)  # mask classes only
+    # Recomputed here: the CAMs' mean mask area, and the decoder's at every grid value.
+    x = torch.stack([to_tensor(open_image(s.image), cfg.image_size) for s in lesions])
+    out = ensemble.predict(x, seed=0, samples=0)
+    label = cfg.classes.index("lesion")
+    cams, maps = [], []
+    for i in range(len(lesions)):
+        cams.append(ensemble.masks(out, i, cfg.image_size, label=label, source="cam").mask.mean())
+        maps.append(ensemble.masks(out, i, cfg.image_size, label, "decoder").intersection_map)
+    areas = {t: np.mean([(m > t).mean() for m in maps]) for t in AREA_GRID}
+    below = [t for t in AREA_GRID if areas[t] <= np.mean(cams)]  # no bigger than the CAMs'
+    assert found["threshold"] == below[0] and found["decoder_area"] <= found["cam_area"]
+    assert all(areas[t] > np.mean(cams) for t in AREA_GRID if t < below[0])
+    assert found["cam_area"] == pytest.approx(np.mean(cams), abs=1e-6)
+    assert np.mean(_ious(ensemble, disks, "decoder")) >= 0.6
+    normal = [s for s in disks.split("test") if s.label == "normal"]
+    xn = torch.stack([to_tensor(open_image(s.image), cfg.image_size) for s in normal])
+    out = ensemble.predict(xn, seed=0)
+    shown = [ensemble.masks(out, i, (SIZE, SIZE), source="decoder").mask for i in range(len(xn))]
+    assert all(m is None or not m.any() for m in shown)
+    # No training image of a mask class: nothing to match, nothing set.
+    assert calibrate(ensemble, empty, [], 0, 0.9, weak_decoder_images=normal) == {}
+
+
 def test_negative_evidence_keeps_normal_images_dark(disks, weak):
     ensemble, _ = weak
     normal = [s for s in disks.split("test") if s.label == "normal"]

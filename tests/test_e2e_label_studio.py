@@ -186,6 +186,8 @@ def test_pre_annotate_learn_and_rank(label_studio, backend, tmp_path):
     assert v1 in line and server.base not in line
     first = requests.get(f"{backend}/versions/{line[0]}", timeout=5).json()["metrics"]
     assert first["fine_tuned_from"] == server.base and first["source"]["unlabelled"] > 0
+    # No held-out task has a mask: the weak decoder's threshold came from the CAMs' mask area.
+    assert first["decoder_threshold"]["rule"] == "cam_area" and "calibration" not in first
     # The tiny members train from scratch (no feature bank): fine-tuning them keeps the full
     # schedule, TRAIN_EPOCHS=30 and the decoder's 60 epochs (the short one is for pretrained
     # members, tests/test_fast_training.py).
@@ -260,6 +262,8 @@ def test_pre_annotate_learn_and_rank(label_studio, backend, tmp_path):
     assert segmentation.get("clicked", 0) == len(set(trained) - set(masked))
     assert manifest["config"]["decoder_scale"] == (2.0 if trained else 1.0)
     assert manifest["metrics"]["pseudo_masks"] > 0
+    # A decoder trained on human masks keeps its probability threshold.
+    assert "decoder_threshold" not in manifest["metrics"]
     # From v1, or from a version of an earlier job of the same webhook burst.
     versions = requests.get(f"{backend}/versions", timeout=5).json()["versions"]
     assert manifest["metrics"]["fine_tuned_from"] in set(versions) - {v2}

@@ -23,6 +23,7 @@ from wsl_models.mask_training import (
     segmentation_loss,
     segmentation_steps,
     soft_dice_loss,
+    train_segmentation,
 )
 from wsl_models.members import build_member
 from wsl_models.supervision import IGNORE
@@ -136,6 +137,21 @@ def disks(tmp_path_factory):
         tmp_path_factory.mktemp("disks"), {"train": 32, "test": 12}, (SIZE, SIZE), 3
     )
     return load_dataset(root)
+
+
+def test_a_segmenter_drops_the_weak_decoders_threshold_and_leaves_the_old_config(disks):
+    """A weak decoder's CAM-area threshold (e.g. 0.2) is no threshold for a decoder trained
+    on the annotators' masks: segmentation restores the probability default, in a copy."""
+    torch.manual_seed(0)
+    member = build_member("tiny", len(disks.classes), decoder=True)
+    old = EnsembleConfig(list(disks.classes), ["tiny"], (SIZE, SIZE), decoder_threshold=0.2)
+    ens = Ensemble([member], old)
+    samples = [s for s in disks.split("train") if s.label == "lesion"][:2]
+    cfg = TrainConfig(seg_min_steps=2, seg_max_steps=2, seg_batch_size=2, progress=False)
+    report = train_segmentation(ens, samples, [True, True], cfg, torch.device("cpu"))
+    assert report["0-tiny"]["steps"] == 2
+    assert (ens.config.decoder_threshold, ens.config.decoder_scale) == (0.5, 2.0)
+    assert (old.decoder_threshold, old.decoder_scale) == (0.2, 1.0)
 
 
 def test_human_masks_fine_tune_a_segmenter_served_at_its_scale(disks, tmp_path):

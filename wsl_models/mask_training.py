@@ -37,7 +37,7 @@ from torchvision.transforms import v2
 from .clicks import load_points
 from .data import ImageDataset, Sample
 from .decoder_training import BestCheckpoint, HeldOut, affinity_loss, pair_weights
-from .ensemble import Ensemble
+from .ensemble import Ensemble, EnsembleConfig
 from .images import scaled_size
 from .members import Member, channels_last
 from .supervision import IGNORE, human_target
@@ -387,8 +387,12 @@ def train_segmentation(
             member, data, masked, negatives, dense, tuple(conf.image_size), cfg, device,
             cfg.seed + 3000 + k, held,
         )  # fmt: skip
-    # A copy: the config object may be shared with the version this one fine-tunes from.
-    ensemble.config = dataclasses.replace(conf, decoder_scale=cfg.seg_scale)
+    # A copy: the config object may be shared with the version this one fine-tunes from. The
+    # decoder now predicts the annotators' masks: the probability threshold's default again
+    # (a weak decoder's CAM-area threshold no longer applies; held-out masks may still set it).
+    ensemble.config = dataclasses.replace(
+        conf, decoder_scale=cfg.seg_scale, decoder_threshold=EnsembleConfig.decoder_threshold
+    )
     report["seconds"] = time.perf_counter() - start
     return report
 

@@ -35,7 +35,7 @@ from .data import (
 from .decoder_training import check_decoder_settings, train_decoders
 from .ensemble import Ensemble, EnsembleConfig
 from .feature_bank import FeatureBank
-from .mask_training import train_segmentation
+from .mask_training import segmented, train_segmentation
 from .members import Member, Weights, build_member, channels_last
 from .metrics import pxap
 from .supervision import (
@@ -545,8 +545,19 @@ def train_ensemble(
         segmentation = train_segmentation(
             ensemble, train_s, has_mask, cfg, device, calib, has_points
         )
+    # A decoder that learned from CAM seeds alone, with no held-out masks to calibrate on,
+    # gets its threshold from the CAMs' mask area on the training images.
+    weak_only = ens_cfg.decoder and not segmented(ensemble) and all(h is None for h in human)
     measured = (
-        calibrate(ensemble, val_ds, calib, cfg.seed, cfg.review_quantile, cfg.choose_map_source)
+        calibrate(
+            ensemble,
+            val_ds,
+            calib,
+            cfg.seed,
+            cfg.review_quantile,
+            cfg.choose_map_source,
+            weak_decoder_images=train_s if weak_only else None,
+        )
         if distributed.is_main()
         else {}
     )

@@ -69,6 +69,10 @@ class TrainingSettings:
     # keeps a 32-mask job under 10 minutes on 2 CPU cores; a project that submits many masks
     # at once may lift it (GlaS, 74 masks: 1200 beat 400 on held-out train images).
     seg_max_steps: int = TrainConfig.seg_max_steps
+    # TRAIN_SEG_ENCODER_LR_FACTOR: the backbone's top stage learns at this fraction of the
+    # decoder's rate in the segmentation stage (0: the decoder alone). With all 74 GlaS masks
+    # and 1200 steps, 0.3 beat 0.1 on held-out train images.
+    seg_encoder_lr_factor: float = TrainConfig.seg_encoder_lr_factor
     unlabelled: int = 50  # TRAIN_UNLABELLED: unannotated tasks used through pseudo-masks
     tolerance: float = 2.0  # PROMOTE_TOLERANCE: points a new version may lose and still win
 
@@ -94,6 +98,9 @@ class TrainingSettings:
             ),
             fine_tune_seg_steps=int(e("TRAIN_FINE_TUNE_SEG_STEPS", str(cls.fine_tune_seg_steps))),
             seg_max_steps=int(e("TRAIN_SEG_MAX_STEPS", str(cls.seg_max_steps))),
+            seg_encoder_lr_factor=float(
+                e("TRAIN_SEG_ENCODER_LR_FACTOR", str(cls.seg_encoder_lr_factor))
+            ),
             unlabelled=int(e("TRAIN_UNLABELLED", str(cls.unlabelled))),
             tolerance=float(e("PROMOTE_TOLERANCE", str(cls.tolerance))),
         )
@@ -140,6 +147,7 @@ def job_configs(
         minmax=train.minmax,
         decoder_epochs=train.decoder_epochs,
         seg_max_steps=train.seg_max_steps,
+        seg_encoder_lr_factor=train.seg_encoder_lr_factor,
     )
     return ens_cfg, cfg
 

@@ -196,7 +196,7 @@ def test_a_job_fine_tuning_the_serving_version_runs_the_short_schedule(monkeypat
 
 
 def test_a_deployment_can_lift_the_cap_on_segmentation_steps(monkeypatch, tmp_path):
-    """TRAIN_SEG_MAX_STEPS reaches the job's TrainConfig: 20 steps per mask up to it."""
+    """TRAIN_SEG_MAX_STEPS and TRAIN_SEG_ENCODER_LR_FACTOR reach the job's TrainConfig."""
     from backend.jobs import TrainingSettings, fine_tune_schedule, job_configs
     from backend.settings import Settings
     from wsl_models.mask_training import segmentation_steps
@@ -204,9 +204,12 @@ def test_a_deployment_can_lift_the_cap_on_segmentation_steps(monkeypatch, tmp_pa
     settings = Settings(model_dir=str(tmp_path))
     _, default = job_configs(["a", "b"], None, TrainingSettings.from_env(), settings)
     assert segmentation_steps(default, 74) == 400  # the default cap
+    assert default.seg_encoder_lr_factor == TrainConfig().seg_encoder_lr_factor
     monkeypatch.setenv("TRAIN_SEG_MAX_STEPS", "1200")
+    monkeypatch.setenv("TRAIN_SEG_ENCODER_LR_FACTOR", "0.3")
     train = TrainingSettings.from_env()
     _, lifted = job_configs(["a", "b"], None, train, settings)
+    assert lifted.seg_encoder_lr_factor == 0.3
     assert (segmentation_steps(lifted, 8), segmentation_steps(lifted, 32)) == (160, 640)
     assert segmentation_steps(lifted, 74) == 1200
     # A job fine-tuning a segmented version still runs its few steps.

@@ -77,6 +77,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         help="with --train-masks: cap on the segmentation steps (20 per mask up to it)",
     )
     t.add_argument(
+        "--seg-encoder-lr-factor",
+        type=float,
+        default=TrainConfig.seg_encoder_lr_factor,
+        help="with --train-masks: the top stage's learning rate as a fraction of the decoder's",
+    )
+    t.add_argument(
         "--minmax", action="store_true", help="also train the min-max entropy localizer head"
     )
     t.add_argument(
@@ -208,6 +214,7 @@ def _train(args: argparse.Namespace) -> int:
         train_masks=args.train_masks,
         mask_weight=args.mask_weight,
         seg_max_steps=args.seg_max_steps,
+        seg_encoder_lr_factor=args.seg_encoder_lr_factor,
         minmax=args.minmax,
         epochs=args.epochs,
         batch_size=args.batch_size,

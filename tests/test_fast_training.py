@@ -224,5 +224,8 @@ def test_a_version_is_segmented_once_its_decoder_trained_on_masks():
     conf = EnsembleConfig(classes=["a", "b"], members=["tiny"], decoder=True)
     assert not segmented(None) and not segmented(SimpleNamespace(config=conf))
     assert segmented(SimpleNamespace(config=dataclasses.replace(conf, decoder_scale=2.0)))
+    # A decoder trained on masks at the model's own scale is one too.
+    at_one = dataclasses.replace(conf, decoder_segmenter=True)
+    assert segmented(SimpleNamespace(config=EnsembleConfig.from_dict(dataclasses.asdict(at_one))))
     no_decoder = dataclasses.replace(conf, decoder=False, map_source="cam", decoder_scale=2.0)
     assert not segmented(SimpleNamespace(config=no_decoder))

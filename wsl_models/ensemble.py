@@ -59,6 +59,9 @@ class EnsembleConfig:
     # The decoder runs on the image at this multiple of image_size (mask_training.py sets it
     # once human masks trained it at that scale); the classifier always at image_size.
     decoder_scale: float = 1.0
+    # Whether human masks or clicks trained the decoder (mask_training.py sets it). Versions
+    # saved before the flag are told by their decoder_scale > 1 (``segmented``).
+    decoder_segmenter: bool = False
     # Past this many pixels a side, the decoder runs on overlapping tiles (tiling.py) instead
     # of one forward of the whole scaled image, which bounds its memory.
     decoder_tile: int = 1024

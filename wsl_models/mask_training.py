@@ -80,6 +80,39 @@ def segmentation_loss(
     return bce + dice_weight * soft_dice_loss(logits[dense], target[dense])
 
 
+PSEUDO_BG, PSEUDO_FG = 2, 3  # target values of self-training labels on clicked images
+
+
+def confident_targets(probs: torch.Tensor, clicks: torch.Tensor, confidence: float) -> torch.Tensor:
+    """Clicked images' targets for self-training: the clicks (0 / 1) where clicked; elsewhere
+    PSEUDO_FG where ``probs`` >= ``confidence``, PSEUDO_BG where <= 1 - it, IGNORE in between.
+    ``probs`` (N, H, W) float, ``clicks`` (N, H, W) uint8 at the same size."""
+    out = torch.full_like(clicks, IGNORE)
+    out[probs >= confidence] = PSEUDO_FG
+    out[probs <= 1 - confidence] = PSEUDO_BG
+    clicked = clicks != IGNORE
+    out[clicked] = clicks[clicked]
+    return out
+
+
+def pseudo_steps(cfg: TrainConfig, steps: int) -> set[int]:
+    """The steps at which clicked images get fresh self-training labels: from
+    ``seg_click_pseudo_at`` of ``steps`` on, ``seg_click_pseudo_refresh`` times, evenly."""
+    start = round(cfg.seg_click_pseudo_at * steps)
+    if cfg.seg_click_pseudo_at <= 0 or not 0 < start < steps:
+        return set()
+    times = max(1, cfg.seg_click_pseudo_refresh)
+    return {start + (steps - start) * i // times for i in range(times)}
+
+
+def pseudo_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """BCE over the self-training pixels (PSEUDO_BG / PSEUDO_FG) of ``target``; 0 without."""
+    pseudo = (target == PSEUDO_BG) | (target == PSEUDO_FG)
+    if not pseudo.any():
+        return logits.sum() * 0.0
+    return F.binary_cross_entropy_with_logits(logits[pseudo], (target[pseudo] == PSEUDO_FG).float())
+
+
 def click_affinity(logits: torch.Tensor, images: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
     """The weak path's colour-affinity term on clicked crops: spreads each click's label to
     neighbours of similar colour, on the decoder's grid (``logits`` (B, 1, h, w), ``images``
@@ -91,9 +124,11 @@ def click_affinity(logits: torch.Tensor, images: torch.Tensor, cfg: TrainConfig)
 
 def segmented(version: Ensemble | None) -> bool:
     """Whether a version's decoder trained on the annotators' masks or clicks:
-    ``train_segmentation`` records its scale (``seg_scale``, 2 by default) as
-    ``decoder_scale``. A version trained with ``seg_scale`` 1 is not told apart."""
-    return version is not None and version.config.decoder and version.config.decoder_scale > 1.0
+    ``train_segmentation`` sets ``decoder_segmenter``; versions saved before that flag are told
+    by the scale it recorded (``seg_scale``, 2 by default, as ``decoder_scale``)."""
+    if version is None or not version.config.decoder:
+        return False
+    return version.config.decoder_segmenter or version.config.decoder_scale > 1.0
 
 
 def segmentation_steps(cfg: TrainConfig, masks: int) -> int:
@@ -262,6 +297,9 @@ def train_member_segmentation(
     )
     labelled = np.flatnonzero(data.labels.numpy() >= 0)
     crop = tuple(model_size)
+    targets = data.targets  # replaced by a copy (this member's own) when self-training starts
+    clicked = masked[~dense[torch.from_numpy(masked)].numpy()]
+    relabel = pseudo_steps(cfg, steps) if len(clicked) else set()
     best = BestCheckpoint()
     history: list[dict[str, float]] = []
     every = max(1, cfg.seg_eval_every)
@@ -284,8 +322,15 @@ def train_member_segmentation(
                 negatives[torch.randint(0, len(negatives), (n_neg,), generator=gen).numpy()]
                 if n_neg else np.zeros(0, int),
             ])  # fmt: skip
+            if step in relabel:
+                targets = data.targets.clone()
+                probs = _decoder_probs(member, data.images[clicked].float() / 255.0, device)
+                probs = F.interpolate(probs, size=targets.shape[-2:], mode="bilinear")[:, 0]
+                targets[clicked] = confident_targets(
+                    probs, data.targets[clicked], cfg.seg_click_pseudo_confidence
+                )
             x, t = random_crops(
-                data.images, data.targets, torch.from_numpy(pick), crop, cfg.seg_scale_jitter, gen
+                data.images, targets, torch.from_numpy(pick), crop, cfg.seg_scale_jitter, gen
             )
             if cfg.seg_colour_jitter > 0:
                 with torch.random.fork_rng(devices=[]):
@@ -297,7 +342,11 @@ def train_member_segmentation(
             logits = member.decode(taps)
             up = F.interpolate(logits, size=t.shape[-2:], mode="bilinear", align_corners=False)
             batch_dense = dense[torch.from_numpy(pick)].to(device)
-            loss = segmentation_loss(up[:, 0], t, cfg.seg_dice_weight, batch_dense)
+            loss = 0.0
+            if targets is not data.targets:  # self-training labels: their own BCE, then out
+                loss = cfg.seg_click_pseudo_weight * pseudo_loss(up[:, 0], t)
+                t = torch.where(t > 1, torch.full_like(t, IGNORE), t)
+            loss = loss + segmentation_loss(up[:, 0], t, cfg.seg_dice_weight, batch_dense)
             if cfg.seg_click_affinity_weight > 0 and not batch_dense.all():
                 loss = loss + cfg.seg_click_affinity_weight * click_affinity(
                     logits[~batch_dense], x[~batch_dense], cfg
@@ -327,6 +376,7 @@ def train_member_segmentation(
     return {
         "steps": steps,
         "selected_step": best.at or steps,
+        "self_training_steps": sorted(relabel),
         "held_out_pxap": best.score,
         "seconds": time.perf_counter() - start,
         "history": history,
@@ -391,7 +441,10 @@ def train_segmentation(
     # decoder now predicts the annotators' masks: the probability threshold's default again
     # (a weak decoder's CAM-area threshold no longer applies; held-out masks may still set it).
     ensemble.config = dataclasses.replace(
-        conf, decoder_scale=cfg.seg_scale, decoder_threshold=EnsembleConfig.decoder_threshold
+        conf,
+        decoder_scale=cfg.seg_scale,
+        decoder_threshold=EnsembleConfig.decoder_threshold,
+        decoder_segmenter=True,
     )
     report["seconds"] = time.perf_counter() - start
     return report

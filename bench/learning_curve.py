@@ -26,6 +26,7 @@ import torch
 from scipy import ndimage
 
 from backend.jobs import TrainingSettings, fine_tune_schedule
+from wsl_models import refine
 from wsl_models.acquisition import acquisition
 from wsl_models.clicks import click_radius, click_target, save_points, simulated_clicks
 from wsl_models.data import Dataset, ImageDataset, load_dataset, stratified_holdout
@@ -68,9 +69,20 @@ def reveal(ds: Dataset, revealed: set[str], clicked: dict[str, Path] | None = No
     return Dataset(ds.root, ds.classes, tuple(seen(s) for s in ds.samples))
 
 
-def click(ens: Ensemble, samples: list, k: int, folder: Path) -> tuple[dict[str, Path], int]:
+def refiner(pixels: np.ndarray, prob: np.ndarray | None):
+    """The smart keypoints' re-segmentation after one click, as /predict runs it."""
+    return lambda mask, click: refine.apply_clicks(pixels, prob, mask, [click])
+
+
+def click(
+    ens: Ensemble, samples: list, k: int, folder: Path, annotator: str = "piled"
+) -> tuple[dict[str, Path], int]:
     """A simulated annotator's k positive + k negative clicks on each image, placed on the
-    errors of ``ens``'s current mask (clicks.simulated_clicks); written as points files."""
+    errors of ``ens``'s current mask (clicks.simulated_clicks); written as points files.
+    ``annotator``: "piled" (the first simulator: clicks pile into the largest error region),
+    "spread" (each click covers its inscribed disk of the error) or "interactive" (each
+    click re-segments the mask through the smart keypoints' refine.apply_clicks, seeded by
+    the served consensus map, and the next goes on what is still wrong)."""
     folder.mkdir(parents=True, exist_ok=True)
     paths, total = {}, 0
     for s in samples:
@@ -80,7 +92,10 @@ def click(ens: Ensemble, samples: list, k: int, folder: Path) -> tuple[dict[str,
         res = ens.masks(out, 0, truth.shape, label=ens.config.classes.index(s.label))
         mask = res.mask if res.mask is not None else np.zeros_like(truth)
         radius = click_radius(truth.shape)
-        clicks = simulated_clicks(mask, truth, k, radius)
+        update = None
+        if annotator == "interactive":
+            update = refiner(np.asarray(image.convert("RGB")), res.intersection_map)
+        clicks = simulated_clicks(mask, truth, k, radius, annotator == "spread", update)
         save_points(click_target(clicks, truth.shape, radius), folder / s.name)
         paths[s.name], total = folder / s.name, total + len(clicks)
     return paths, total
@@ -147,6 +162,8 @@ def run_setting(setting: str, ds: Dataset, base: Ensemble, args: argparse.Namesp
     strategy, pseudo = parts[0], "pseudo" in parts
     full = strategy == "full"
     k_clicks = next((int(p[len("clicks") :]) for p in parts if p.startswith("clicks")), 0)
+    # the simulated annotator (click()): "piled" unless the setting names "spread" or "interactive"
+    annotator = next((p for p in parts if p in ("spread", "interactive")), "piled")
     clicked: dict[str, Path] = {}
     effort = 0
     points_dir = Path(tempfile.mkdtemp(prefix="camlabel-clicks-"))
@@ -176,7 +193,7 @@ def run_setting(setting: str, ds: Dataset, base: Ensemble, args: argparse.Namesp
         chosen = [s for s in left if s.name in set(picked)]
         if k_clicks:
             # Points files are derived from the dataset's masks: kept out of the results folder.
-            paths, n = click(current, chosen, k_clicks, points_dir / f"round{r}")
+            paths, n = click(current, chosen, k_clicks, points_dir / f"round{r}", annotator)
             clicked.update(paths)
             effort += n
         else:

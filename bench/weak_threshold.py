@@ -7,7 +7,10 @@ The model keeps the threshold its held-out masks calibrated; this asks what a pr
 such masks would get: 0.5, or ``cam_area_threshold`` (the value whose consensus masks cover as
 much of the training images as the CAMs' masks do), and prints decoder Dice fg / bg (survey
 protocol, 224x224 masks) at every grid value on the model's held-out train images (what
-chooses) and the test split (information only).
+chooses) and the test split (information only), images of the mask classes only:
+
+    python bench/weak_threshold.py --model /tmp/models/lgg --data ../shared/data/lgg \
+        --json bench/results/decoder/weak_threshold_lgg.json
 """
 
 from __future__ import annotations
@@ -57,9 +60,12 @@ def main() -> None:
     calibrated = ensemble.config.decoder_threshold
     held = set(store.manifest(store.current_id())["metrics"]["held_out"])
     ds = load_dataset(args.data)
+    # Images of mask classes only (LGG: tumour; a normal slice's mask comes from its class).
+    wanted = set(ensemble.config.mask_classes or ensemble.config.classes)
+    scored_s = [s for s in ds.samples if s.label in wanted]
     train = [s for s in ds.split("train") if s.name not in held]
-    held_s = [s for s in ds.split("train") if s.name in held]
-    test = [s for s in ds.samples if s.split.startswith("test")]
+    held_s = [s for s in scored_s if s.split == "train" and s.name in held]
+    test = [s for s in scored_s if s.split.startswith("test")]
     rule = cam_area_threshold(ensemble, train, seed=0)
     scored = {
         name: consensus_maps(ensemble, s) for name, s in (("held_out", held_s), ("test", test))

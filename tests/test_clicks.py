@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from scipy import ndimage
 
 from backend.annotations import clicks_of, collect_dataset
 from backend.fetch import ImageFetcher
@@ -70,6 +71,43 @@ def test_simulated_clicks_go_to_the_innermost_errors():
     # Nothing wrong: clicks still land inside the object and the background.
     perfect = simulated_clicks(truth, truth, 3, radius=2)
     assert all(truth[int(y), int(x)] == p for x, y, p in perfect) and len(perfect) == 6
+
+
+def test_spread_clicks_cover_the_error_regions_instead_of_piling_into_the_largest():
+    truth = np.zeros((80, 120), bool)
+    truth[10:50, 10:50] = True  # a large missed object
+    truth[60:75, 70:85] = True  # and a small one
+    predicted = np.zeros_like(truth)
+    piled = [(x, y) for x, y, p in simulated_clicks(predicted, truth, 2, radius=2) if p]
+    spread = [(x, y) for x, y, p in simulated_clicks(predicted, truth, 2, 2, spread=True) if p]
+    assert all(10 <= x < 50 and 10 <= y < 50 for x, y in piled)  # both in the large object
+    assert 10 <= spread[0][0] < 50 and 10 <= spread[0][1] < 50  # the first as before
+    assert 70 <= spread[1][0] < 85 and 60 <= spread[1][1] < 75  # the second in the small one
+
+
+def test_interactive_clicks_alternate_and_follow_the_re_segmented_mask():
+    truth = np.zeros((80, 120), bool)
+    truth[10:50, 10:50] = True
+    truth[60:75, 70:85] = True
+    truth[5:20, 90:110] = True
+    comps, _ = ndimage.label(truth)
+    seen = []
+
+    def add_component(mask, click):  # a perfect smart tool: the clicked object, whole
+        x, y, positive = click
+        seen.append(mask.copy())
+        part = comps == comps[int(y), int(x)]
+        return mask | part if positive else mask & ~part
+
+    clicks = simulated_clicks(np.zeros_like(truth), truth, 3, 2, update=add_component)
+    assert [p for _, _, p in clicks] == [True, False] * 3
+    pos = [(int(x), int(y)) for x, y, p in clicks if p]
+    # Each positive click goes to an object the tool has not added yet, largest first.
+    assert [comps[y, x] for x, y in pos] == [comps[30, 30], comps[12, 100], comps[67, 77]]
+    assert len(seen) == 6 and not seen[0].any() and seen[-1].sum() == truth.sum()
+    # No error left on the negative side: those clicks go deep into the background, apart.
+    neg = [(x, y) for x, y, p in clicks if not p]
+    assert all(not truth[int(y), int(x)] for x, y in neg) and len(set(neg)) == 3
 
 
 def test_sparse_targets_get_no_dice_term():

@@ -11,7 +11,7 @@ innermost pixel of the largest remaining error region of the current mask.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -54,19 +54,46 @@ def load_points(path: Path, size: tuple[int, int]) -> np.ndarray:
         return np.asarray(im, np.uint8).copy()
 
 
-def _innermost(region: np.ndarray) -> tuple[int, int]:
-    """(y, x) of the pixel farthest from the region's border."""
+def _innermost(region: np.ndarray) -> tuple[int, int, float]:
+    """(y, x) of the pixel farthest from the region's border, and that distance."""
     dist = ndimage.distance_transform_edt(np.pad(region, 1))[1:-1, 1:-1]
     y, x = np.unravel_index(int(np.argmax(dist)), dist.shape)
-    return int(y), int(x)
+    return int(y), int(x), float(dist[y, x])
 
 
-def simulated_clicks(predicted: np.ndarray, truth: np.ndarray, k: int, radius: int) -> list[Click]:
+def _largest_innermost(pool: np.ndarray) -> tuple[int, int, float] | None:
+    """``_innermost`` of the largest connected region of ``pool``; None when it is empty."""
+    if not pool.any():
+        return None
+    labels, n = ndimage.label(pool)
+    sizes = ndimage.sum(pool, labels, range(1, n + 1))
+    return _innermost(labels == 1 + int(np.argmax(sizes)))
+
+
+def simulated_clicks(
+    predicted: np.ndarray,
+    truth: np.ndarray,
+    k: int,
+    radius: int,
+    spread: bool = False,
+    update: Callable[[np.ndarray, Click], np.ndarray] | None = None,
+) -> list[Click]:
     """``k`` positive and ``k`` negative clicks for a mask ``predicted`` of ``truth`` (bool).
 
     Positive clicks go to the innermost pixel of the largest missed region, negative ones to
     that of the largest false region; a clicked disk is removed before the next click. With
-    no error left, clicks go to the innermost pixels of the object and of the background."""
+    no error left, clicks go to the innermost pixels of the object and of the background.
+
+    The removed disk is 2 x ``radius`` wide, so the clicks pile up inside the largest error
+    region. With ``spread`` it is the region's inscribed disk at the click (at least that
+    wide): the annotator's next click goes elsewhere, as it would once the model had taken
+    the first one in, and the clicks cover more of the error regions.
+
+    With ``update`` (mask, click) -> mask, the interactive protocol: the clicks alternate
+    positive / negative, each on the errors of the mask the clicks before it produced (the
+    smart tool re-segments after every click, as in Label Studio's interactive mode)."""
+    if update is not None:
+        return _interactive_clicks(predicted, truth, k, radius, update)
     clicks: list[Click] = []
     yy, xx = np.ogrid[: truth.shape[0], : truth.shape[1]]
     for positive in (True, False):
@@ -74,14 +101,40 @@ def simulated_clicks(predicted: np.ndarray, truth: np.ndarray, k: int, radius: i
         error = inside & ~(predicted if positive else ~predicted)
         free = inside.copy()
         for _ in range(k):
-            pool = error if error.any() else free
-            if not pool.any():
+            spot = _largest_innermost(error if error.any() else free)
+            if spot is None:
                 break
-            labels, n = ndimage.label(pool)
-            sizes = ndimage.sum(pool, labels, range(1, n + 1))
-            y, x = _innermost(labels == 1 + int(np.argmax(sizes)))
+            y, x, depth = spot
             clicks.append((float(x), float(y), positive))
-            disk = (yy - y) ** 2 + (xx - x) ** 2 <= (2 * radius) ** 2
+            covered = max(2 * radius, depth) if spread else 2 * radius
+            disk = (yy - y) ** 2 + (xx - x) ** 2 <= covered**2
             error &= ~disk
             free &= ~disk
+    return clicks
+
+
+def _interactive_clicks(
+    mask: np.ndarray,
+    truth: np.ndarray,
+    k: int,
+    radius: int,
+    update: Callable[[np.ndarray, Click], np.ndarray],
+) -> list[Click]:
+    """``simulated_clicks`` with ``update``; a spot already clicked (2 x ``radius``) is not
+    clicked again where the re-segmentation left it wrong."""
+    clicks: list[Click] = []
+    clicked = np.zeros_like(truth)
+    yy, xx = np.ogrid[: truth.shape[0], : truth.shape[1]]
+    for i in range(2 * k):
+        positive = i % 2 == 0
+        inside = (truth if positive else ~truth) & ~clicked
+        error = inside & (~mask if positive else mask)
+        spot = _largest_innermost(error if error.any() else inside)
+        if spot is None:
+            continue
+        y, x, _ = spot
+        click = (float(x), float(y), positive)
+        clicks.append(click)
+        clicked |= (yy - y) ** 2 + (xx - x) ** 2 <= (2 * radius) ** 2
+        mask = update(mask, click)
     return clicks

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from scipy import ndimage
 
 from backend.jobs import TrainingSettings, fine_tune_schedule
@@ -54,16 +55,22 @@ def scores(ens: Ensemble, samples: list, strategy: str, seed: int) -> np.ndarray
     return torch.cat(values).numpy()
 
 
-def reveal(ds: Dataset, revealed: set[str], clicked: dict[str, Path] | None = None) -> Dataset:
+def reveal(
+    ds: Dataset,
+    revealed: set[str],
+    clicked: dict[str, Path] | None = None,
+    accepted: dict[str, Path] | None = None,
+) -> Dataset:
     """The dataset as the annotators have it: train masks only where revealed; for the
-    ``clicked`` images their clicks (a points file) instead of the mask."""
-    clicked = clicked or {}
+    ``clicked`` images their clicks (a points file) instead of the mask, and where the
+    annotator submitted the smart keypoints' mask with them (``accepted``), that mask."""
+    clicked, accepted = clicked or {}, accepted or {}
 
     def seen(s):
         if s.split.startswith("test"):
             return s
         if s.name in clicked:
-            return dataclasses.replace(s, mask=None, points=clicked[s.name])
+            return dataclasses.replace(s, mask=accepted.get(s.name), points=clicked[s.name])
         return s if s.name in revealed else dataclasses.replace(s, mask=None)
 
     return Dataset(ds.root, ds.classes, tuple(seen(s) for s in ds.samples))
@@ -75,16 +82,24 @@ def refiner(pixels: np.ndarray, prob: np.ndarray | None):
 
 
 def click(
-    ens: Ensemble, samples: list, k: int, folder: Path, annotator: str = "piled"
-) -> tuple[dict[str, Path], int]:
+    ens: Ensemble,
+    samples: list,
+    k: int,
+    folder: Path,
+    annotator: str = "piled",
+    accept: bool = False,
+) -> tuple[dict[str, Path], int, dict[str, Path], list[float]]:
     """A simulated annotator's k positive + k negative clicks on each image, placed on the
     errors of ``ens``'s current mask (clicks.simulated_clicks); written as points files.
     ``annotator``: "piled" (the first simulator: clicks pile into the largest error region),
     "spread" (each click covers its inscribed disk of the error) or "interactive" (each
     click re-segments the mask through the smart keypoints' refine.apply_clicks, seeded by
-    the served consensus map, and the next goes on what is still wrong)."""
+    the served consensus map, and the next goes on what is still wrong). ``accept`` (with
+    "interactive"): the annotator also submits the mask the smart keypoints made, as a
+    Label Studio annotation holds both; returned with each such mask's Dice against the truth.
+    """
     folder.mkdir(parents=True, exist_ok=True)
-    paths, total = {}, 0
+    paths, total, accepted, dices = {}, 0, {}, []
     for s in samples:
         image = open_image(s.image)
         truth = open_mask(s.mask, image.size)
@@ -92,13 +107,30 @@ def click(
         res = ens.masks(out, 0, truth.shape, label=ens.config.classes.index(s.label))
         mask = res.mask if res.mask is not None else np.zeros_like(truth)
         radius = click_radius(truth.shape)
-        update = None
+        update, last = None, {"mask": mask}
         if annotator == "interactive":
-            update = refiner(np.asarray(image.convert("RGB")), res.intersection_map)
+            segment = refiner(np.asarray(image.convert("RGB")), res.intersection_map)
+
+            def update(m, c, segment=segment, last=last):
+                last["mask"] = segment(m, c)
+                return last["mask"]
+
         clicks = simulated_clicks(mask, truth, k, radius, annotator == "spread", update)
         save_points(click_target(clicks, truth.shape, radius), folder / s.name)
         paths[s.name], total = folder / s.name, total + len(clicks)
-    return paths, total
+        if accept and annotator == "interactive":
+            final = np.asarray(last["mask"], bool)
+            path = folder / f"accepted-{s.name}"
+            Image.fromarray(final.astype(np.uint8) * 255).save(path)
+            accepted[s.name] = path
+            dices.append(dice_score(final, truth))
+    return paths, total, accepted, dices
+
+
+def dice_score(pred: np.ndarray, truth: np.ndarray) -> float:
+    """Foreground Dice in percent (100 when both are empty)."""
+    inter, size = float((pred & truth).sum()), float(pred.sum() + truth.sum())
+    return 100.0 if size == 0 else 200.0 * inter / size
 
 
 def traced_pixels(samples: list) -> int:
@@ -164,7 +196,13 @@ def run_setting(setting: str, ds: Dataset, base: Ensemble, args: argparse.Namesp
     k_clicks = next((int(p[len("clicks") :]) for p in parts if p.startswith("clicks")), 0)
     # the simulated annotator (click()): "piled" unless the setting names "spread" or "interactive"
     annotator = next((p for p in parts if p in ("spread", "interactive")), "piled")
+    # "accept": the annotator submits the smart keypoints' mask beside the clicks (interactive)
+    accept = "accept" in parts
+    if accept and annotator != "interactive":
+        raise SystemExit(f"{setting}: 'accept' needs the interactive annotator")
     clicked: dict[str, Path] = {}
+    accepted: dict[str, Path] = {}
+    accepted_dice: list[float] = []
     effort = 0
     points_dir = Path(tempfile.mkdtemp(prefix="camlabel-clicks-"))
     tcfg = _train_config(
@@ -193,12 +231,16 @@ def run_setting(setting: str, ds: Dataset, base: Ensemble, args: argparse.Namesp
         chosen = [s for s in left if s.name in set(picked)]
         if k_clicks:
             # Points files are derived from the dataset's masks: kept out of the results folder.
-            paths, n = click(current, chosen, k_clicks, points_dir / f"round{r}", annotator)
+            paths, n, masks, dices = click(
+                current, chosen, k_clicks, points_dir / f"round{r}", annotator, accept
+            )
             clicked.update(paths)
+            accepted.update(masks)
+            accepted_dice.extend(dices)
             effort += n
         else:
             effort += traced_pixels(chosen)
-        data = reveal(ds, revealed, clicked)
+        data = reveal(ds, revealed, clicked, accepted)
         rcfg = tcfg
         if args.job_schedule:  # what a Label Studio job fine-tuning ``current`` would run
             rcfg = fine_tune_schedule(
@@ -211,6 +253,11 @@ def run_setting(setting: str, ds: Dataset, base: Ensemble, args: argparse.Namesp
             "picked": picked,
             # clicks placed so far, or for full masks the boundary pixels traced so far
             "effort": {"clicks" if k_clicks else "traced_pixels": effort},
+            **(
+                {"accepted_mask_dice_fg": round(float(np.mean(accepted_dice)), 1)}
+                if accepted_dice
+                else {}
+            ),
             "pseudo_masks": metrics["pseudo_masks"],
             "seconds": round(time.perf_counter() - t0, 1),
             "segmentation_seconds": metrics.get("segmentation", {}).get("seconds"),

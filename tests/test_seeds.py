@@ -206,3 +206,50 @@ def test_bad_decoder_settings_fail_before_the_classifiers_train(disks, monkeypat
     for options, message in bad:
         with pytest.raises(ValueError, match=message):
             train_ensemble(disks, cfg, TrainConfig(weights="none", progress=False, **options))
+
+
+def test_reseeded_plan_takes_the_agreeing_members_maps_normalised():
+    from wsl_models.decoder_training import DecoderTargets
+
+    cams = [torch.zeros(1, 4, 4), None, torch.zeros(2, 4, 4)]
+    plan = DecoderTargets(
+        cams, [False, True, False], [None] * 3, [True, False, True], [[1], [], [0, 1]]
+    )
+    maps = [torch.rand(3, 8, 8) * 0.3, torch.rand(3, 8, 8) * 0.3 + 0.1]
+    new = plan.reseeded(maps)
+    assert new.cams[1] is None and new.negative == plan.negative  # only seeded images change
+    assert new.cams[0].shape == (1, 8, 8) and new.cams[2].shape == (2, 8, 8)
+    # Member 1's map of image 0, min-max normalised as seed CAMs are.
+    m = maps[1][0]
+    assert torch.allclose(new.cams[0][0], (m - m.min()) / (m.max() - m.min()))
+    assert new.cams[2].amax(dim=(1, 2)).tolist() == [1.0, 1.0]
+    assert plan.cams[0].abs().sum() == 0  # the original plan is untouched
+
+
+def test_a_self_seed_round_reports_what_it_kept(disks):
+    ensemble, metrics = _train(disks, decoder_self_seed_rounds=1)
+    dec = metrics["decoders"]
+    rnd = dec["self_seed_round_1"]["0-tiny"]
+    assert rnd["previous_held_out_pxap"] is not None and rnd["held_out_pxap"] is not None
+    assert rnd["kept"] == (rnd["held_out_pxap"] >= rnd["previous_held_out_pxap"])
+    rep = dec["0-tiny"]
+    assert rep["held_out_pxap"] == max(rnd["held_out_pxap"], rnd["previous_held_out_pxap"])
+    assert rep.get("self_seed_rounds", 0) == (1 if rnd["kept"] else 0)
+
+
+def test_a_worse_self_seeded_decoder_is_discarded(disks, monkeypatch):
+    """Seeds from the inverted decoder maps teach the background as object: that decoder
+    scores far below round 1 on the held-out masks and the round-1 decoder must serve."""
+    from wsl_models.decoder_training import DecoderTargets
+
+    reseeded = DecoderTargets.reseeded
+    monkeypatch.setattr(
+        DecoderTargets, "reseeded", lambda self, maps: reseeded(self, [1 - m for m in maps])
+    )
+    ensemble, metrics = _train(disks, decoder_self_seed_rounds=1)
+    rnd = metrics["decoders"]["self_seed_round_1"]["0-tiny"]
+    assert not rnd["kept"] and rnd["held_out_pxap"] < rnd["previous_held_out_pxap"] - 5
+    rep = metrics["decoders"]["0-tiny"]
+    assert rep["held_out_pxap"] == rnd["previous_held_out_pxap"] and "self_seed_rounds" not in rep
+    # What serves is round 1's decoder: its held-out PxAP measured again after training.
+    assert metrics["calibration"]["pxap"]["decoder"] > rnd["held_out_pxap"]

@@ -23,17 +23,18 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 from torch.nn import functional as F
 
-from .cam import ANALYTIC, AnalyticCAM, cam_method, resize_maps
+from .cam import ANALYTIC, AnalyticCAM, cam_method, normalize_maps, resize_maps
 from .data import ImageDataset, Sample, load_masks
 from .ensemble import Ensemble
 from .masks import resize_mask
@@ -114,6 +115,17 @@ class DecoderTargets:
     negative: list[bool]  # a class without masks: all background
     human: list[torch.Tensor | None]  # (H, W) uint8 at the model's input size
     wanted: list[bool]  # a mask class (seeds, area prior, pseudo-masks apply)
+    agree: list[list[int]] = field(default_factory=list)  # the members behind each image's cams
+
+    def reseeded(self, maps: Sequence[torch.Tensor]) -> DecoderTargets:
+        """The same plan with each seeded image's cams replaced by the agreeing members'
+        ``maps`` (one (N, h, w) tensor per member, e.g. their decoders' probabilities),
+        min-max normalised per image as the seed CAMs are."""
+        cams = [
+            None if c is None else normalize_maps(torch.stack([maps[k][i] for k in self.agree[i]]))
+            for i, c in enumerate(self.cams)
+        ]
+        return dataclasses.replace(self, cams=cams)
 
     def seed_maps(self, grid: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(fg, bg, seeded) on a decoder grid: per image the min (foreground) and max
@@ -266,6 +278,7 @@ def plan_targets(
         [not w and ds.labels[i] >= 0 for i, w in enumerate(wanted)],
         [None if h is None else torch.from_numpy(h) for h in human],
         wanted,
+        agree,
     )
     return images, plan
 
@@ -509,6 +522,7 @@ def train_decoders(
         "seed_scales": list(cfg.decoder_seed_scales),
         "held_out_images": [s.name for s in held_out] if held is not None else [],
     }
+    fresh_states: list[dict[str, torch.Tensor]] = []
     for k, member in enumerate(ensemble.members):
         taps = cache_taps(member, images, device)
         grid = tuple(taps[0].shape[-2:])
@@ -536,6 +550,72 @@ def train_decoders(
             "recipe": best[1],
             "recipe_held_out_pxap": scores,
         }
+        fresh_states.append(fresh)
         del taps, held_taps
+    for r in range(cfg.decoder_self_seed_rounds):
+        report[f"self_seed_round_{r + 1}"] = self_seed_round(
+            ensemble, images, plan, recipes, report, fresh_states, cfg, device, held, r + 1
+        )
     report["seconds"] = time.perf_counter() - start
     return report
+
+
+def self_seed_round(
+    ensemble: Ensemble,
+    images: torch.Tensor,
+    plan: DecoderTargets,
+    recipes: dict[str, TrainConfig],
+    report: dict[str, Any],
+    fresh_states: Sequence[dict[str, torch.Tensor]],
+    cfg: TrainConfig,
+    device: torch.device,
+    held: HeldOut | None,
+    round_no: int,
+) -> dict[str, Any]:
+    """Retrain every decoder from scratch on seeds drawn from the decoders' own consensus.
+
+    A decoder trained on CAM seeds localizes better than the CAM it learned from (on GlaS
+    66 vs 57 PxAP) and on a 4x finer grid, so its map is a better seed map than the CAM.
+    With held-out masks a member keeps the new decoder only where it scores at least the
+    old one's PxAP on them; without any it always does.
+    """
+    keys = ensemble.config.member_keys
+    maps = []
+    for member in ensemble.members:
+        maps.append(decoder_probs(member, cache_taps(member, images, device))[:, 0].cpu())
+    new_plan = plan.reseeded(maps)
+    out: dict[str, Any] = {}
+    for k, member in enumerate(ensemble.members):
+        mine = report[keys[k]]
+        rcfg = recipes[mine["recipe"]]
+        old = copy.deepcopy(member.decoder.state_dict())
+        member.decoder.load_state_dict(fresh_states[k])
+        taps = cache_taps(member, images, device)
+        held_taps = (held, cache_taps(member, held.images, device)) if held is not None else None
+        seeds = SeedDrawer(
+            new_plan, tuple(taps[0].shape[-2:]), rcfg, cfg.seed + 3000 + k * 7 + round_no
+        )
+        rep = train_decoder(
+            member,
+            taps,
+            images,
+            new_plan,
+            seeds,
+            rcfg,
+            cfg.seed + 4000 + k * 7 + round_no,
+            held_taps,
+        )
+        before, after = mine["held_out_pxap"], rep["held_out_pxap"]
+        kept = before is None or after is None or after >= before
+        if kept:
+            report[keys[k]] = {**mine, **rep, "self_seed_rounds": round_no}
+        else:
+            member.decoder.load_state_dict(old)
+        out[keys[k]] = {
+            "held_out_pxap": after,
+            "previous_held_out_pxap": before,
+            "selected_epoch": rep["selected_epoch"],
+            "kept": kept,
+        }
+        del taps, held_taps
+    return out

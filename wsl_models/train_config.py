@@ -90,6 +90,9 @@ class TrainConfig:
     # Serve the decoder only where its consensus scores at least its CAM's on those images.
     choose_map_source: bool = True
     decoder_epochs: int = 60
+    # Rounds in which every decoder is retrained from seeds drawn from the decoders' own
+    # consensus map instead of the CAMs (decoder_training.self_seed_round); 0: none.
+    decoder_self_seed_rounds: int = 0
     # At most this many optimizer steps per decoder (0: no cap; decoder_training.decoder_epochs).
     # 150: on GlaS's held-out training images the decoders' best PxAP was the same after 150
     # steps as after 300 (66.5 vs 66.8, the best epochs were 3 to 33), at half the time.

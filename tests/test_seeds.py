@@ -159,6 +159,9 @@ def test_without_held_out_masks_the_last_epoch_and_the_default_recipe_stay(disks
     rep = metrics["decoders"]["0-tiny"]
     assert rep["select"] == "last" and rep["selected_epoch"] == 3 and rep["recipe"] == "default"
     assert list(rep["recipe_held_out_pxap"]) == ["default"]  # no time spent on others
+    # Self-seed rounds (3 by default) need held-out masks to judge them: none run.
+    assert tcfg.decoder_self_seed_rounds > 0
+    assert not any(k.startswith("self_seed_round") for k in metrics["decoders"])
     assert ensemble.config.map_source == "decoder" and "map_source" not in metrics
 
 
@@ -253,3 +256,13 @@ def test_a_worse_self_seeded_decoder_is_discarded(disks, monkeypatch):
     assert rep["held_out_pxap"] == rnd["previous_held_out_pxap"] and "self_seed_rounds" not in rep
     # What serves is round 1's decoder: its held-out PxAP measured again after training.
     assert metrics["calibration"]["pxap"]["decoder"] > rnd["held_out_pxap"]
+
+
+def test_self_seed_rounds_stay_off_the_path_with_human_masks(disks):
+    # Masks of training images: the segmenter takes over the decoder, the rounds would only
+    # lengthen a Label Studio job.
+    ensemble, metrics = _train(
+        disks, decoder_self_seed_rounds=1, train_masks=True, seg_min_steps=4, seg_max_steps=4
+    )
+    assert metrics["decoders"]["human_masks"] > 0
+    assert not any(k.startswith("self_seed_round") for k in metrics["decoders"])

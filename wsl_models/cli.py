@@ -138,6 +138,13 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "default), gradcam++, layercam, xgradcam, gradcam, cam",
     )
     t.add_argument(
+        "--self-seed-rounds",
+        type=int,
+        default=TrainConfig.decoder_self_seed_rounds,
+        help="rounds in which the decoders are retrained from seeds drawn from their own "
+        "consensus map instead of the CAMs (each kept where held-out masks agree)",
+    )
+    t.add_argument(
         "--decoder-select",
         default=TrainConfig.decoder_select,
         choices=["localization", "last"],
@@ -211,6 +218,7 @@ def _train(args: argparse.Namespace) -> int:
         decoder_seed_scales=tuple(float(v) for v in args.seed_scales.split(",") if v),
         decoder_seed_cam=None if args.seed_cam == "ensemble" else args.seed_cam,
         decoder_select=args.decoder_select,
+        decoder_self_seed_rounds=args.self_seed_rounds,
         train_masks=args.train_masks,
         mask_weight=args.mask_weight,
         seg_max_steps=args.seg_max_steps,

@@ -249,9 +249,11 @@ def test_a_worse_self_seeded_decoder_is_discarded(disks, monkeypatch):
     monkeypatch.setattr(
         DecoderTargets, "reseeded", lambda self, maps: reseeded(self, [1 - m for m in maps])
     )
-    ensemble, metrics = _train(disks, decoder_self_seed_rounds=1)
+    ensemble, metrics = _train(disks, decoder_self_seed_rounds=3)
     rnd = metrics["decoders"]["self_seed_round_1"]["0-tiny"]
     assert not rnd["kept"] and rnd["held_out_pxap"] < rnd["previous_held_out_pxap"] - 5
+    # No member kept round 1: round 2 would seed from the same maps, so none runs.
+    assert "self_seed_round_2" not in metrics["decoders"]
     rep = metrics["decoders"]["0-tiny"]
     assert rep["held_out_pxap"] == rnd["previous_held_out_pxap"] and "self_seed_rounds" not in rep
     # What serves is round 1's decoder: its held-out PxAP measured again after training.

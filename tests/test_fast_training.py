@@ -166,6 +166,13 @@ def test_decoder_schedule_caps_steps_not_small_sets():
     assert decoder_epochs(cfg, 10_000) == 1
     assert decoder_epochs(TrainConfig(decoder_steps=0), 313) == 60
     assert decoder_epochs(TrainConfig(decoder_epochs=8), 313) == 8
+    # No held-out masks to choose the epoch: the shorter cap, where one is set.
+    short = TrainConfig(decoder_unjudged_steps=25)
+    assert decoder_epochs(short, 76) == 30  # judged: the usual 150 steps
+    assert decoder_epochs(short, 76, unjudged=True) == 5  # 25 steps of 5 batches
+    assert decoder_epochs(short, 313, unjudged=True) == 2  # at least the 25 steps
+    assert decoder_epochs(TrainConfig(decoder_steps=0, decoder_unjudged_steps=25), 76, True) == 5
+    assert decoder_epochs(TrainConfig(decoder_unjudged_steps=0), 76, unjudged=True) == 30
 
 
 def test_a_job_fine_tuning_the_serving_version_runs_the_short_schedule(monkeypatch):

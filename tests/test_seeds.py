@@ -268,3 +268,20 @@ def test_self_seed_rounds_stay_off_the_path_with_human_masks(disks):
     )
     assert metrics["decoders"]["human_masks"] > 0
     assert not any(k.startswith("self_seed_round") for k in metrics["decoders"])
+
+
+def test_without_held_out_masks_the_unjudged_cap_shortens_the_decoder(disks, tmp_path):
+    import shutil
+
+    root = tmp_path / "nomasks"
+    shutil.copytree(disks.root, root)
+    shutil.rmtree(root / "masks")
+    ds = load_dataset(root)
+    cfg = EnsembleConfig(list(ds.classes), ["tiny"], (SIZE, SIZE), mask_classes=["lesion"])
+    values = dict(epochs=2, weights="none", progress=False, decoder_epochs=6)
+    _, judged = train_ensemble(ds, cfg, TrainConfig(**values, decoder_unjudged_steps=0))
+    _, short = train_ensemble(ds, cfg, TrainConfig(**values, decoder_unjudged_steps=2))
+    assert judged["decoders"]["0-tiny"]["epochs"] == 6
+    # About 20 training images in batches of 16: 2 steps are 1 epoch, and it is the one kept.
+    rep = short["decoders"]["0-tiny"]
+    assert rep["epochs"] == 1 and rep["selected_epoch"] == 1 and rep["select"] == "last"

@@ -357,17 +357,23 @@ def decoder_probs(member: Member, taps: list[torch.Tensor], batch_size: int = 32
     return torch.cat(out)
 
 
-def decoder_epochs(cfg: TrainConfig, images: int) -> int:
+def decoder_epochs(cfg: TrainConfig, images: int, unjudged: bool = False) -> int:
     """``cfg.decoder_epochs``, fewer where ``cfg.decoder_steps`` optimizer steps come first.
 
     The decoder stage would otherwise grow with the project: the default 150 steps are 30
     epochs of GlaS's 76 training images (5 batches) and 8 of LGG's 313 (20 batches), instead
-    of 60 epochs each (1200 steps on LGG).
+    of 60 epochs each (1200 steps on LGG). ``unjudged``: a decoder learning from CAM seeds
+    alone with no held-out masks to choose its epoch, which then runs at most
+    ``cfg.decoder_unjudged_steps`` (where > 0): it learns the seeds' shape in a few epochs and
+    then fits their mistakes.
     """
-    if cfg.decoder_steps <= 0:
+    steps = cfg.decoder_steps
+    if unjudged and cfg.decoder_unjudged_steps > 0:
+        steps = cfg.decoder_unjudged_steps if steps <= 0 else min(steps, cfg.decoder_unjudged_steps)
+    if steps <= 0:
         return cfg.decoder_epochs
     per_epoch = max(1, math.ceil(images / cfg.decoder_batch_size))
-    return max(1, min(cfg.decoder_epochs, math.ceil(cfg.decoder_steps / per_epoch)))
+    return max(1, min(cfg.decoder_epochs, math.ceil(steps / per_epoch)))
 
 
 def _flip(tensors: list[torch.Tensor], dims: list[int]) -> list[torch.Tensor]:
@@ -393,7 +399,9 @@ def train_decoder(
     small = F.interpolate(images, size=grid, mode="area").to(device)
     weights = pair_weights(small, cfg.decoder_affinity_sigma, cfg.decoder_affinity_dilations)
     decoder = member.decoder
-    epochs = decoder_epochs(cfg, n)
+    select = held is not None and cfg.decoder_select == "localization"
+    weak_only = all(h is None for h in plan.human)
+    epochs = decoder_epochs(cfg, n, unjudged=not select and weak_only)
     opt = torch.optim.Adam(decoder.parameters(), lr=cfg.decoder_lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(epochs, 1))
     gen = torch.Generator().manual_seed(seed)
@@ -404,7 +412,6 @@ def train_decoder(
     human = torch.stack([blank if h is None else h for h in plan.human]).to(device)
     use_pseudo = bool(has_human.any()) and cfg.decoder_pseudo_weight > 0
     pseudo_from = int(cfg.decoder_pseudo_start * epochs)
-    select = held is not None and cfg.decoder_select == "localization"
     best = BestCheckpoint()
     history = []
     for epoch in range(epochs):

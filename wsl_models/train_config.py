@@ -100,6 +100,10 @@ class TrainConfig:
     # 150: on GlaS's held-out training images the decoders' best PxAP was the same after 150
     # steps as after 300 (66.5 vs 66.8, the best epochs were 3 to 33), at half the time.
     decoder_steps: int = 150
+    # The cap when no held-out masks choose the epoch and no human masks exist (a new Label
+    # Studio project): the last epoch is kept, and a decoder past its first few epochs fits
+    # its seeds' mistakes. 0: decoder_steps.
+    decoder_unjudged_steps: int = 0
     decoder_lr: float = 3e-3
     decoder_batch_size: int = 16
     decoder_seed_fg: int = 16

@@ -603,6 +603,8 @@ def self_seed_round(
     for k, member in enumerate(ensemble.members):
         mine = report[keys[k]]
         rcfg = recipes[mine["recipe"]]
+        if cfg.decoder_self_seed_steps > 0:
+            rcfg = dataclasses.replace(rcfg, decoder_steps=cfg.decoder_self_seed_steps)
         old = copy.deepcopy(member.decoder.state_dict())
         member.decoder.load_state_dict(fresh_states[k])
         taps = cache_taps(member, images, device)

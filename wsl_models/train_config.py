@@ -96,13 +96,15 @@ class TrainConfig:
     # human masks. 3 chosen on GlaS's held-out train images: decoder PxAP 71.2 (0), 72.6,
     # 74.9, 76.0 (3), 76.0 (4: no member kept its 4th round); LGG kept none (docs/weak-masks.md).
     decoder_self_seed_rounds: int = 3
+    decoder_self_seed_steps: int = 0  # each round's step cap (0: decoder_steps)
     # At most this many optimizer steps per decoder (0: no cap; decoder_training.decoder_epochs).
     # 150: on GlaS's held-out training images the decoders' best PxAP was the same after 150
     # steps as after 300 (66.5 vs 66.8, the best epochs were 3 to 33), at half the time.
     decoder_steps: int = 150
     # The cap when no held-out masks choose the epoch and no human masks exist (a new Label
     # Studio project): the last epoch is kept, and a decoder past its first few epochs fits
-    # its seeds' mistakes. 0: decoder_steps.
+    # its seeds' mistakes. 0: decoder_steps. 25 gained on GlaS (held-out PxAP 69.8 vs 64.8)
+    # and lost on LGG (46.7 vs 66.3): off (docs/weak-masks.md).
     decoder_unjudged_steps: int = 0
     decoder_lr: float = 3e-3
     decoder_batch_size: int = 16

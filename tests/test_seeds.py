@@ -240,6 +240,13 @@ def test_a_self_seed_round_reports_what_it_kept(disks):
     assert rep.get("self_seed_rounds", 0) == (1 if rnd["kept"] else 0)
 
 
+def test_a_self_seed_round_can_run_a_shorter_schedule(disks):
+    _, metrics = _train(disks, decoder_self_seed_rounds=1, decoder_self_seed_steps=2)
+    # About 20 training images in batches of 16: the first stage runs its 8 epochs, the
+    # round 2 steps, i.e. 1 epoch.
+    assert metrics["decoders"]["self_seed_round_1"]["0-tiny"]["epochs"] == 1
+
+
 def test_a_worse_self_seeded_decoder_is_discarded(disks, monkeypatch):
     """Seeds from the inverted decoder maps teach the background as object: that decoder
     scores far below round 1 on the held-out masks and the round-1 decoder must serve."""

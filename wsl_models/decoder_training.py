@@ -623,6 +623,7 @@ def self_seed_round(
         out[keys[k]] = {
             "held_out_pxap": after,
             "previous_held_out_pxap": before,
+            "epochs": rep["epochs"],
             "selected_epoch": rep["selected_epoch"],
             "kept": kept,
         }

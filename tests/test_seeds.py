@@ -140,14 +140,19 @@ def test_a_decoder_below_its_cam_on_held_out_masks_never_serves(disks):
     assert ensemble2.config.map_source == "decoder" and "map_source" not in metrics2
 
 
-def test_without_held_out_masks_the_last_epoch_and_the_default_recipe_stay(disks, tmp_path):
+def _without_masks(disks, tmp_path):
+    """The disks set with its masks/ folder removed (no held-out masks), and its config."""
     import shutil
 
     root = tmp_path / "nomasks"
     shutil.copytree(disks.root, root)
     shutil.rmtree(root / "masks")
     ds = load_dataset(root)
-    cfg = EnsembleConfig(list(ds.classes), ["tiny"], (SIZE, SIZE), mask_classes=["lesion"])
+    return ds, EnsembleConfig(list(ds.classes), ["tiny"], (SIZE, SIZE), mask_classes=["lesion"])
+
+
+def test_without_held_out_masks_the_last_epoch_and_the_default_recipe_stay(disks, tmp_path):
+    ds, cfg = _without_masks(disks, tmp_path)
     tcfg = TrainConfig(
         epochs=2,
         weights="none",
@@ -278,13 +283,7 @@ def test_self_seed_rounds_stay_off_the_path_with_human_masks(disks):
 
 
 def test_without_held_out_masks_the_unjudged_cap_shortens_the_decoder(disks, tmp_path):
-    import shutil
-
-    root = tmp_path / "nomasks"
-    shutil.copytree(disks.root, root)
-    shutil.rmtree(root / "masks")
-    ds = load_dataset(root)
-    cfg = EnsembleConfig(list(ds.classes), ["tiny"], (SIZE, SIZE), mask_classes=["lesion"])
+    ds, cfg = _without_masks(disks, tmp_path)
     values = dict(epochs=2, weights="none", progress=False, decoder_epochs=6)
     _, judged = train_ensemble(ds, cfg, TrainConfig(**values, decoder_unjudged_steps=0))
     _, short = train_ensemble(ds, cfg, TrainConfig(**values, decoder_unjudged_steps=2))

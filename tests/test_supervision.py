@@ -100,8 +100,10 @@ def test_human_masks_make_better_maps_than_labels_alone(base):
     assert m1["train_config"]["mask_weight"] == 5.0  # recorded in the version's metrics
     key = "0-tiny"
     a, b = _lesion_scores(labels_only, ds)[key], _lesion_scores(masks, ds)[key]
-    # Measured here: PxAP 80.8 (labels only) vs 92.0 (with masks), Dice 69.3 vs 80.3.
-    assert b["pxap"] > a["pxap"] + 5.0, (a, b)
+    # Measured here: PxAP 80.8 (labels only) vs 92.0 (with masks), Dice 69.3 vs 80.3; since
+    # the labels-only decoders' self-seed rounds, PxAP 96.0 vs 100.0, Dice 87.4 vs 99.7. The
+    # masks must still take away most of what labels alone get wrong.
+    assert 100 - b["pxap"] < 0.5 * (100 - a["pxap"]), (a, b)
     assert b["dice_fg"] > a["dice_fg"] + 5.0, (a, b)
 
 

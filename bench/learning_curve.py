@@ -35,6 +35,7 @@ from wsl_models.ensemble import Ensemble, EnsembleConfig
 from wsl_models.evaluation import evaluate
 from wsl_models.images import open_image, open_mask, parse_size, to_tensor
 from wsl_models.mask_training import segmented
+from wsl_models.metrics import segmentation_scores
 from wsl_models.train_config import recipe
 from wsl_models.training import TrainConfig, train_ensemble
 
@@ -123,14 +124,8 @@ def click(
             path = folder / f"accepted-{s.name}"
             Image.fromarray(final.astype(np.uint8) * 255).save(path)
             accepted[s.name] = path
-            dices.append(dice_score(final, truth))
+            dices.append(100.0 * segmentation_scores(final, truth)["dice_fg"])
     return paths, total, accepted, dices
-
-
-def dice_score(pred: np.ndarray, truth: np.ndarray) -> float:
-    """Foreground Dice in percent (100 when both are empty)."""
-    inter, size = float((pred & truth).sum()), float(pred.sum() + truth.sum())
-    return 100.0 if size == 0 else 200.0 * inter / size
 
 
 def traced_pixels(samples: list) -> int:

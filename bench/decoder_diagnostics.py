@@ -163,8 +163,15 @@ def retrain(args: argparse.Namespace) -> None:
             round(r["by_source"]["decoder"]["intersection"][k], 1) for k in ("dice_fg", "dice_bg")
         ],  # fmt: skip
         "selected_epochs": {
-            k: v.get("selected_epoch") for k, v in report.items() if isinstance(v, dict)
-        },  # fmt: skip
+            k: v.get("selected_epoch")
+            for k, v in report.items()
+            if isinstance(v, dict) and not k.startswith("self_seed_round")
+        },
+        "self_seed_kept": {
+            k: {m: r["kept"] for m, r in v.items()}
+            for k, v in report.items()
+            if k.startswith("self_seed_round")
+        },
     }
     print(json.dumps(row), flush=True)
     if args.json:

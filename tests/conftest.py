@@ -27,7 +27,11 @@ def model_dir(synth_dir, tmp_path_factory):
     """A trained two-member tiny ensemble (lesion / normal, 96 px) as a single-line MODEL_DIR."""
     ds = load_dataset(synth_dir)
     cfg = EnsembleConfig(list(ds.classes), ["tiny", "tiny"], (96, 96), mask_classes=["lesion"])
-    tcfg = TrainConfig(epochs=20, lr=3e-3, weights="none", progress=False)
+    # No self-seed rounds: the serving tests need a decoder, not the best one (tests/test_seeds.py
+    # and tests/test_decoder.py cover the rounds).
+    tcfg = TrainConfig(
+        epochs=20, lr=3e-3, weights="none", progress=False, decoder_self_seed_rounds=0
+    )
     ensemble, metrics = train_ensemble(ds, cfg, tcfg)
     root = tmp_path_factory.mktemp("models")
     ModelStore(root).save(ensemble, metrics)
@@ -61,7 +65,7 @@ def base_model(tmp_path_factory) -> Path:
     train = subprocess.run(
         [sys.executable, "-m", "backend.cli", "train", "--data", str(data), "--out", str(out),
          "--members", "tiny,tiny", "--image-size", "96", "--weights", "none", "--epochs", "30",
-         "--lr", "0.003", "--mask-classes", "finding"],
+         "--lr", "0.003", "--mask-classes", "finding", "--self-seed-rounds", "0"],
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert train.returncode == 0, train.stderr[-2000:]

@@ -272,6 +272,39 @@ def test_a_worse_self_seeded_decoder_is_discarded(disks, monkeypatch):
     assert metrics["calibration"]["pxap"]["decoder"] > rnd["held_out_pxap"]
 
 
+def test_a_member_that_loses_a_round_is_settled(disks, monkeypatch):
+    """Member 0's round-1 decoder scores worse (forced), member 1's always better: rounds 2 and
+    3 retrain member 1 only, and member 0 keeps and serves its first decoder."""
+    import wsl_models.decoder_training as dt
+
+    real, order, calls = dt.train_decoder, {}, [0, 0]
+
+    def scored(member, *args, **kwargs):
+        rep = real(member, *args, **kwargs)
+        k = order.setdefault(id(member), len(order))
+        calls[k] += 1
+        if calls[k] > 1:  # a self-seed round (one recipe: one first-stage call)
+            rep = {**rep, "held_out_pxap": -1.0 if k == 0 else 101.0}
+        return rep
+
+    monkeypatch.setattr(dt, "train_decoder", scored)
+    cfg = EnsembleConfig(
+        list(disks.classes), ["tiny", "tiny"], (SIZE, SIZE), mask_classes=["lesion"]
+    )
+    tcfg = TrainConfig(
+        epochs=4, lr=3e-3, weights="none", progress=False, decoder_epochs=2,
+        decoder_self_seed_rounds=3,
+    )  # fmt: skip
+    _, metrics = train_ensemble(disks, cfg, tcfg)
+    dec = metrics["decoders"]
+    assert set(dec["self_seed_round_1"]) == {"0-tiny", "1-tiny"}
+    assert not dec["self_seed_round_1"]["0-tiny"]["kept"]
+    for r in (2, 3):
+        assert set(dec[f"self_seed_round_{r}"]) == {"1-tiny"}
+    assert calls == [2, 4]
+    assert "self_seed_rounds" not in dec["0-tiny"] and dec["1-tiny"]["self_seed_rounds"] == 3
+
+
 def test_self_seed_rounds_stay_off_the_path_with_human_masks(disks):
     # Masks of training images: the segmenter takes over the decoder, the rounds would only
     # lengthen a Label Studio job.

@@ -21,6 +21,10 @@ from wsl_models.supervision import (
 from wsl_models.training import TrainConfig, train_ensemble
 from wsl_models.versions import ModelStore
 
+# Pseudo-masks, human masks and the min-max localizer are under test here, not the decoders'
+# self-seed rounds (tests/test_seeds.py): each round is a full decoder training.
+NO_ROUNDS = {"decoder_self_seed_rounds": 0}
+
 
 def test_pseudo_target_keeps_confident_regions_and_ignores_the_band():
     consensus = np.array([[0.0, 0.2, 0.5], [0.69, 0.7, 1.0]])
@@ -77,7 +81,7 @@ def _lesion_scores(ensemble, ds):
 def base(synth_dir):
     ds = load_dataset(synth_dir)
     cfg = EnsembleConfig(list(ds.classes), ["tiny"], (96, 96), mask_classes=["lesion"])
-    tcfg = TrainConfig(epochs=20, lr=3e-3, weights="none", progress=False)
+    tcfg = TrainConfig(epochs=20, lr=3e-3, weights="none", progress=False, **NO_ROUNDS)
     return ds, train_ensemble(ds, cfg, tcfg)[0]
 
 
@@ -91,6 +95,7 @@ def test_human_masks_make_better_maps_than_labels_alone(base):
         progress=False,
         pseudo_weight=0.0,
         backbone_lr_factor=1.0,
+        **NO_ROUNDS,
     )
     labels_only, m0 = train_ensemble(ds, init.config, TrainConfig(**common), init=init)
     masks, m1 = train_ensemble(
@@ -114,7 +119,9 @@ def test_unlabelled_images_learn_through_pseudo_masks(base, synth_dir):
         for i, s in enumerate(ds.samples)
     )
     partial = Dataset(ds.root, ds.classes, samples)
-    tcfg = TrainConfig(epochs=3, lr=3e-3, weights="none", progress=False, pseudo_weight=0.5)
+    tcfg = TrainConfig(
+        epochs=3, lr=3e-3, weights="none", progress=False, pseudo_weight=0.5, **NO_ROUNDS
+    )
     ens, metrics = train_ensemble(partial, init.config, tcfg, init=init)
     assert metrics["unlabelled"] == sum(1 for s in samples if not s.label)
     assert metrics["pseudo_masks"] >= 8  # lesion (or predicted-lesion) images without a mask
@@ -129,7 +136,7 @@ def test_minmax_localizer_trains_saves_and_serves_maps(synth_dir, tmp_path):
     cfg = EnsembleConfig(
         list(ds.classes), ["tiny"], (96, 96), mask_classes=["lesion"], localizer=True
     )
-    tcfg = TrainConfig(epochs=20, lr=3e-3, weights="none", progress=False, minmax=True)
+    tcfg = TrainConfig(epochs=20, lr=3e-3, weights="none", progress=False, minmax=True, **NO_ROUNDS)
     ens, _ = train_ensemble(ds, cfg, tcfg)
     store = ModelStore(tmp_path)
     loaded = store.load(store.save(ens, {}))

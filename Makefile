@@ -60,8 +60,10 @@ lint: setup
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/hadolint Dockerfile
 
+# Two pytest workers, a test module each at a time (module fixtures train once), one thread
+# each: the Label Studio tests wait on HTTP and subprocesses while the other worker computes.
 test: setup labelstudio lint image
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q -n 2 --dist loadfile
 
 # Benchmarks (slow; results in bench/results/). GlaS needs DATA; a GPU is used when present.
 bench: setup labelstudio

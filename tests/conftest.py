@@ -1,3 +1,4 @@
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,10 +12,17 @@ from wsl_models.synthetic import make_dataset
 from wsl_models.training import TrainConfig, train_ensemble
 from wsl_models.versions import ModelStore
 
+# Under pytest-xdist (`make test` runs two workers) each worker, and every process it starts
+# (the backend, `camlabel train`, torchrun), gets one thread: two 2-thread torch processes on
+# this 2-core machine slow each other several-fold.
+THREADS = 1 if os.environ.get("PYTEST_XDIST_WORKER") else 2
+if THREADS == 1:
+    os.environ["OMP_NUM_THREADS"] = "1"
+
 
 @pytest.fixture(autouse=True)
 def _threads():
-    torch.set_num_threads(2)
+    torch.set_num_threads(THREADS)
 
 
 @pytest.fixture(scope="session")

@@ -22,6 +22,8 @@ from wsl_models.cam import (
 )
 from wsl_models.members import build_member
 
+ATOL = 3e-4
+
 
 def _trained_like(name: str, classes: int = 3) -> torch.nn.Module:
     torch.manual_seed(0)
@@ -62,9 +64,11 @@ def _check_against_library(name, method, library_cls):
             got = normalize_maps(resize_maps(normalize_maps(ours[:, c]), (160, 128))).numpy()
             # Same raw maps through the library's own scaling, to pin the comparison down.
             lib_scaled = scale_cam_image(scale_cam_image(ours[:, c].numpy(), (128, 160)))
-            np.testing.assert_allclose(lib_scaled, expected, atol=1e-4)
+            # float32 sums in another order (the library's gradients, its numpy weights; the
+            # thread count changes both): up to 1.1e-4 apart on maps scaled to [0, 1].
+            np.testing.assert_allclose(lib_scaled, expected, atol=ATOL)
             assert expected.shape == (2, 160, 128)
-            np.testing.assert_allclose(got, expected, atol=1e-4)
+            np.testing.assert_allclose(got, expected, atol=ATOL)
 
 
 def test_xgradcam_shares_one_forward_for_all_classes():

@@ -76,7 +76,12 @@ def test_normal_images_get_no_mask_and_disagreement_flags(trained):
 def test_cli_train_and_evaluate(synth_dir, tmp_path, capsys):
     model = tmp_path / "model"
     args = ["--data", str(synth_dir), "--out", str(model), "--members", "tiny", "--epochs", "2"]
-    assert main(["train", *args, "--image-size", "64", "--weights", "none"]) == 0
+    train = [*args, "--image-size", "64", "--weights", "none", "--select", "localization"]
+    assert main(["train", *train]) == 0
+    metrics = ModelStore(model).manifest(ModelStore(model).current_id())["metrics"]
+    # The classifier's checkpoint by its CAM's PxAP on the held-out masks (B-LOC).
+    assert metrics["train_config"]["select"] == "localization"
+    assert all("val_pxap" in row for row in metrics["members"]["0-tiny"]["history"])
     out_json = tmp_path / "eval.json"
     overlays = tmp_path / "overlays"
     rc = main(

@@ -145,6 +145,13 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "consensus map instead of the CAMs (each kept where held-out masks agree)",
     )
     t.add_argument(
+        "--select",
+        default=TrainConfig.select,
+        choices=["auto", "loss", "localization", "last"],
+        help="each classifier's checkpoint: validation loss, its CAM's PxAP on pixel-labelled "
+        "held-out images, the last epoch, or auto (last with pixel targets, else loss)",
+    )
+    t.add_argument(
         "--decoder-select",
         default=TrainConfig.decoder_select,
         choices=["localization", "last"],
@@ -217,6 +224,7 @@ def _train(args: argparse.Namespace) -> int:
         decoder_seeding=args.seeding,
         decoder_seed_scales=tuple(float(v) for v in args.seed_scales.split(",") if v),
         decoder_seed_cam=None if args.seed_cam == "ensemble" else args.seed_cam,
+        select=args.select,
         decoder_select=args.decoder_select,
         decoder_self_seed_rounds=args.self_seed_rounds,
         train_masks=args.train_masks,

@@ -15,6 +15,7 @@ from .evaluation import PROTOCOLS, evaluate, format_table
 from .images import parse_size
 from .members import LITE_TRIO
 from .synthetic import make_dataset
+from .train_config import CHECKPOINT_RULES
 from .training import TrainConfig, resolve_device, train_ensemble
 from .versions import ModelStore
 
@@ -147,7 +148,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     t.add_argument(
         "--select",
         default=TrainConfig.select,
-        choices=["auto", "loss", "localization", "last"],
+        choices=CHECKPOINT_RULES,
         help="each classifier's checkpoint: validation loss, its CAM's PxAP on pixel-labelled "
         "held-out images, the last epoch, or auto (last with pixel targets, else loss)",
     )

@@ -565,6 +565,7 @@ def train_decoders(
     # where held-out masks judge each round: without them a round is as likely to lose as to
     # gain (GlaS held-out PxAP 64.5 / 64.7 after 1 / 2 rounds against 64.8 without).
     rounds = cfg.decoder_self_seed_rounds if report["human_masks"] == 0 and held else 0
+    keys = ensemble.config.member_keys
     active = list(range(len(ensemble.members)))
     for r in range(rounds):
         done = self_seed_round(
@@ -575,7 +576,6 @@ def train_decoders(
         # A member whose new decoder lost is settled: retraining it on seeds that moved only
         # where the others' maps moved rarely wins (synthetic disks: 0 of 2 later rounds) and
         # costs a full decoder training each round.
-        keys = ensemble.config.member_keys
         active = [k for k in active if done[keys[k]]["kept"]]
         if not active:
             break  # no map changed: the next round would draw from the same maps
@@ -595,7 +595,7 @@ def self_seed_round(
     device: torch.device,
     held: HeldOut,
     round_no: int,
-    active: Sequence[int] | None = None,
+    active: Sequence[int],
 ) -> dict[str, Any]:
     """Retrain every decoder from scratch on seeds drawn from the decoders' own consensus
     (``maps``: each member's decoder probabilities of ``images``, updated in place).
@@ -603,14 +603,14 @@ def self_seed_round(
     A decoder trained on CAM seeds localizes better than the CAM it learned from (on GlaS
     66 vs 57 PxAP) and on a 4x finer grid, so its map is a better seed map than the CAM.
     A member keeps the new decoder only where it scores at least the old one's PxAP on the
-    held-out masks. ``active``: the members to retrain (default all); the others keep theirs
+    held-out masks. ``active``: the members to retrain; the others keep theirs
     and are left out of the round's report.
     """
     keys = ensemble.config.member_keys
     new_plan = plan.reseeded(maps)
     out: dict[str, Any] = {}
     for k, member in enumerate(ensemble.members):
-        if active is not None and k not in active:
+        if k not in active:
             continue
         mine = report[keys[k]]
         rcfg = recipes[mine["recipe"]]

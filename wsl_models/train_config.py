@@ -12,6 +12,10 @@ import torch
 from . import distributed
 from .members import Weights
 
+# TrainConfig.select: how each classifier's checkpoint is chosen (validated by the trainer,
+# offered by `camlabel train --select`).
+CHECKPOINT_RULES = ("auto", "loss", "localization", "last")
+
 
 @dataclass
 class TrainConfig:
@@ -45,7 +49,7 @@ class TrainConfig:
     # CAM on the pixel-labelled calibration images: the Survey's B-LOC rule), "last" (the final
     # epoch), or "auto": "last" when pixel targets are used (the classification loss says
     # nothing about the masks being learned), else "loss".
-    select: str = "auto"
+    select: str = "auto"  # one of CHECKPOINT_RULES
     device: str = "auto"
     progress: bool = True
     # Pixel supervision (supervision.py). Loss = CE + mask_weight * BCE(class map, human mask)

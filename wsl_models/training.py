@@ -50,7 +50,13 @@ from .supervision import (
     pixel_loss,
     pseudo_target,
 )
-from .train_config import TrainConfig, resolve_device, seed_everything, weights_for
+from .train_config import (
+    CHECKPOINT_RULES,
+    TrainConfig,
+    resolve_device,
+    seed_everything,
+    weights_for,
+)
 
 log = logging.getLogger(__name__)
 
@@ -483,8 +489,8 @@ def train_ensemble(
     """
     if cfg.minmax and not ens_cfg.localizer:
         raise ValueError("minmax training needs EnsembleConfig(localizer=True)")
-    if cfg.select not in ("auto", "loss", "localization", "last"):
-        raise ValueError(f"select must be auto, loss, localization or last, not {cfg.select!r}")
+    if cfg.select not in CHECKPOINT_RULES:
+        raise ValueError(f"select must be one of {', '.join(CHECKPOINT_RULES)}, not {cfg.select!r}")
     distributed.amp_settings(cfg.amp, resolve_device(cfg.device))  # validates the mode
     distributed.check_batch_size(cfg.batch_size)
     if ens_cfg.decoder:

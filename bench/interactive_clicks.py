@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine  # noqa: E402
 
 from wsl_models import refine  # noqa: E402
+from wsl_models.clicks import innermost, largest_region  # noqa: E402
 from wsl_models.data import load_dataset  # noqa: E402
 from wsl_models.images import open_image, open_mask, to_tensor  # noqa: E402
 from wsl_models.metrics import segmentation_scores  # noqa: E402
@@ -45,21 +46,18 @@ def _scores(mask: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
 
 
 def next_click(mask: np.ndarray, truth: np.ndarray) -> tuple[float, float, bool] | None:
-    """The simulated annotator's click: the innermost pixel of the largest error region."""
-    best = None
-    for positive, error in ((True, truth & ~mask), (False, mask & ~truth)):
-        comps, n = ndimage.label(error)
-        if n == 0:
-            continue
-        sizes = ndimage.sum_labels(error, comps, index=np.arange(1, n + 1))
-        k = int(np.argmax(sizes)) + 1
-        if best is None or sizes[k - 1] > best[0]:
-            best = (sizes[k - 1], comps == k, positive)
-    if best is None:
+    """The simulated annotator's click: the innermost pixel of the largest error region,
+    missed (positive) or false (negative), whichever is larger."""
+    found = [
+        (region, size, positive)
+        for positive, error in ((True, truth & ~mask), (False, mask & ~truth))
+        if (hit := largest_region(error)) is not None
+        for region, size in [hit]
+    ]
+    if not found:
         return None
-    _, region, positive = best
-    depth = ndimage.distance_transform_edt(np.pad(region, 1))[1:-1, 1:-1]
-    y, x = np.unravel_index(int(np.argmax(depth)), depth.shape)
+    region, _, positive = max(found, key=lambda f: f[1])
+    y, x, _ = innermost(region)
     return float(x) + 0.5, float(y) + 0.5, positive
 
 

@@ -54,20 +54,27 @@ def load_points(path: Path, size: tuple[int, int]) -> np.ndarray:
         return np.asarray(im, np.uint8).copy()
 
 
-def _innermost(region: np.ndarray) -> tuple[int, int, float]:
+def innermost(region: np.ndarray) -> tuple[int, int, float]:
     """(y, x) of the pixel farthest from the region's border, and that distance."""
     dist = ndimage.distance_transform_edt(np.pad(region, 1))[1:-1, 1:-1]
     y, x = np.unravel_index(int(np.argmax(dist)), dist.shape)
     return int(y), int(x), float(dist[y, x])
 
 
-def _largest_innermost(pool: np.ndarray) -> tuple[int, int, float] | None:
-    """``_innermost`` of the largest connected region of ``pool``; None when it is empty."""
+def largest_region(pool: np.ndarray) -> tuple[np.ndarray, int] | None:
+    """The largest connected region of ``pool`` (bool) and its size; None when it is empty."""
     if not pool.any():
         return None
     labels, n = ndimage.label(pool)
     sizes = ndimage.sum(pool, labels, range(1, n + 1))
-    return _innermost(labels == 1 + int(np.argmax(sizes)))
+    k = int(np.argmax(sizes))
+    return labels == k + 1, int(sizes[k])
+
+
+def _largest_innermost(pool: np.ndarray) -> tuple[int, int, float] | None:
+    """``innermost`` of the largest connected region of ``pool``; None when it is empty."""
+    found = largest_region(pool)
+    return None if found is None else innermost(found[0])
 
 
 def simulated_clicks(

@@ -35,7 +35,7 @@ from wsl_models.ensemble import Ensemble, EnsembleConfig
 from wsl_models.evaluation import evaluate
 from wsl_models.images import open_image, open_mask, parse_size, to_tensor
 from wsl_models.mask_training import segmented
-from wsl_models.metrics import segmentation_scores
+from wsl_models.metrics import mean_scores, segmentation_scores
 from wsl_models.train_config import recipe
 from wsl_models.training import TrainConfig, train_ensemble
 
@@ -169,6 +169,27 @@ def measure_all(ens: Ensemble, ds: Dataset) -> dict[str, dict[str, float]]:
     }
 
 
+SWEEP = (0.2, 0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.7)
+
+
+def threshold_sweep(ens: Ensemble, ds: Dataset) -> dict[str, dict[str, float]]:
+    """Information only: the decoder consensus's mean Dice fg / bg on the scored split at
+    each threshold of SWEEP (no small-component filter), to see whether a model's masks
+    are cut at the wrong probability rather than ranked wrong."""
+    rows: dict[float, list[dict[str, float]]] = {t: [] for t in SWEEP}
+    for s in ds.split("test"):
+        image = open_image(s.image)
+        truth = open_mask(s.mask, image.size)
+        out = ens.predict(to_tensor(image, ens.config.input_size)[None], seed=0)
+        res = ens.masks(out, 0, truth.shape, source="decoder")
+        for t in SWEEP:
+            rows[t].append(segmentation_scores(res.intersection_map >= t, truth))
+    return {
+        str(t): {k: round(v, 1) for k, v in mean_scores(r).items() if k.startswith("dice")}
+        for t, r in rows.items()
+    }
+
+
 def _train_config(args: argparse.Namespace, epochs: int, **options: object) -> TrainConfig:
     """Settings shared by the base model and every round: no validation masks are assumed."""
     cfg = TrainConfig(
@@ -200,6 +221,8 @@ def run_setting(setting: str, ds: Dataset, base: Ensemble, args: argparse.Namesp
     accepted_dice: list[float] = []
     effort = 0
     points_dir = Path(tempfile.mkdtemp(prefix="camlabel-clicks-"))
+    if k_clicks:  # bench/click_recipes.py retrains on these clicks
+        log.info("%s: clicks written to %s", setting, points_dir)
     tcfg = _train_config(
         args,
         args.round_epochs,
@@ -266,6 +289,8 @@ def run_setting(setting: str, ds: Dataset, base: Ensemble, args: argparse.Namesp
             ),  # fmt: skip
             **measure_all(current, ds),
         }
+        if args.threshold_sweep and current.config.decoder:
+            row["decoder_threshold_sweep"] = threshold_sweep(current, ds)
         rounds.append(row)
         log.info("%s round %d: %s", setting, r, {k: v for k, v in row.items() if k != "picked"})
     dice = [row["cam"]["dice_fg"] for row in rounds]
@@ -389,6 +414,8 @@ def main() -> None:
                    "previous round (backend.jobs.fine_tune_schedule, TRAIN_* settings)")  # fmt: skip
     p.add_argument("--score-on", choices=["test", "val"], default="test",
                    help="val: score on the held-out train images (to choose defaults)")  # fmt: skip
+    p.add_argument("--threshold-sweep", action="store_true",
+                   help="also record the decoder's Dice at several thresholds each round")  # fmt: skip
     p.add_argument("--out", default=str(OUT))
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")

@@ -32,7 +32,7 @@ from wsl_models.mask_training import (
 from wsl_models.members import build_member
 from wsl_models.supervision import IGNORE
 from wsl_models.synthetic import make_dataset
-from wsl_models.training import TrainConfig, train_ensemble
+from wsl_models.training import TrainConfig, keeps_segmenter, train_ensemble
 from wsl_models.versions import MANIFEST, ModelStore
 
 SIZE = 96
@@ -275,3 +275,17 @@ def test_four_masks_or_ten_clicks_each_beat_the_labels_only_decoder(given, weak_
     # (88.0 before the clicked images' self-training, which starts half-way: step 30 of 60).
     assert after > before + 1.5, (before, after)
     assert seg["0-tiny"]["self_training_steps"] == ([] if given == "masks" else [30])
+    if given == "clicks":  # the next job fine-tunes that segmenter straight from the clicks
+        _, again = train_ensemble(ds, tuned.config, tcfg, init=tuned)
+        assert "skipped" in again["decoders"], again["decoders"]  # no weak stage: no CAM seeds
+        assert again["segmentation"]["0-tiny"]["steps"] == 60
+
+
+def test_only_a_clicks_job_on_a_segmenter_skips_the_weak_decoder_stage():
+    cfg = TrainConfig()
+    assert keeps_segmenter(True, [False, False], [True, False], cfg)
+    assert not keeps_segmenter(False, [False, False], [True, False], cfg)  # a weak decoder
+    assert not keeps_segmenter(True, [True, False], [False, True], cfg)  # masks hold it
+    assert not keeps_segmenter(True, [False, False], [False, False], cfg)  # nothing to learn
+    old = dataclasses.replace(cfg, decoder_retrain_segmenter=True)  # the recipe before
+    assert not keeps_segmenter(True, [False, False], [True, False], old)

@@ -100,6 +100,10 @@ class TrainConfig:
     # human masks. 3 chosen on GlaS's held-out train images: decoder PxAP 71.2 (0), 72.6,
     # 74.9, 76.0 (3), 76.0 (4: no member kept its 4th round); LGG kept none (docs/weak-masks.md).
     decoder_self_seed_rounds: int = 3
+    # A job with clicks and no masks fine-tuning a version whose decoder already learned from
+    # masks or clicks: train that decoder on CAM seeds again first (True, as before) or hand it
+    # straight to the segmentation stage (False; training.keeps_segmenter).
+    decoder_retrain_segmenter: bool = False
     decoder_self_seed_steps: int = 0  # each round's step cap (0: decoder_steps)
     # At most this many optimizer steps per decoder (0: no cap; decoder_training.decoder_epochs).
     # 150: on GlaS's held-out training images the decoders' best PxAP was the same after 150

@@ -439,6 +439,22 @@ def _pixel_labelled(s: Sample, ens_cfg: EnsembleConfig, cfg: TrainConfig) -> boo
     return cfg.train_masks and (not s.label or s.label in (ens_cfg.mask_classes or ens_cfg.classes))
 
 
+def keeps_segmenter(
+    from_segmenter: bool, has_mask: list[bool], has_points: list[bool], cfg: TrainConfig
+) -> bool:
+    """Whether a job skips the weak decoder stage: it fine-tunes a version whose decoder
+    already learned from masks or clicks, and has clicks but no masks. Retrained on CAM seeds
+    with no mask to hold it, the segmenter would first unlearn what the clicks taught it
+    (GlaS, 4 rounds of 8 clicked images, held-out train images: after 32, Dice fg / bg /
+    PxAP 81.0 / 78.0 / 89.6 skipping it against 78.3 / 77.3 / 87.8, rounds 30 % shorter)."""
+    return (
+        from_segmenter
+        and not cfg.decoder_retrain_segmenter
+        and not any(has_mask)
+        and any(has_points)
+    )
+
+
 def human_targets(
     train_s: list[Sample], ens_cfg: EnsembleConfig, cfg: TrainConfig
 ) -> list[np.ndarray | None]:
@@ -545,9 +561,12 @@ def train_ensemble(
     # are never saved.
     if ens_cfg.decoder and distributed.is_main():
         device = resolve_device(cfg.device)
-        decoders = train_decoders(ensemble, train_s, human, cfg, device, held_out=calib)
         has_mask = [h is not None for h in human]
         has_points = [s.points is not None and _pixel_labelled(s, ens_cfg, cfg) for s in train_s]
+        if keeps_segmenter(fine_tune and segmented(init), has_mask, has_points, cfg):
+            decoders = {"skipped": "clicks fine-tune the previous version's segmenter directly"}
+        else:
+            decoders = train_decoders(ensemble, train_s, human, cfg, device, held_out=calib)
         segmentation = train_segmentation(
             ensemble, train_s, has_mask, cfg, device, calib, has_points
         )

@@ -446,7 +446,9 @@ def keeps_segmenter(
     already learned from masks or clicks, and has clicks but no masks. Retrained on CAM seeds
     with no mask to hold it, the segmenter would first unlearn what the clicks taught it
     (GlaS, 4 rounds of 8 clicked images, held-out train images: after 32, Dice fg / bg /
-    PxAP 81.0 / 78.0 / 89.6 skipping it against 78.3 / 77.3 / 87.8, rounds 30 % shorter)."""
+    PxAP 81.0 / 78.0 / 89.6 skipping it against 78.3 / 77.3 / 87.8, rounds 30 % shorter).
+    The backend's short fine-tuning schedule already skips the stage for any segmenter
+    (``backend.jobs.fine_tune_schedule``); this is the full schedule's rule."""
     return (
         from_segmenter
         and not cfg.decoder_retrain_segmenter

@@ -388,7 +388,8 @@ def summary(results: list[dict], args: argparse.Namespace) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The benchmark's options (bench/click_recipes.py takes its defaults from here too)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--data", default="../shared/data/glas")
     p.add_argument("--members", default="efficientnet_lite0")
@@ -417,7 +418,11 @@ def main() -> None:
     p.add_argument("--threshold-sweep", action="store_true",
                    help="also record the decoder's Dice at several thresholds each round")  # fmt: skip
     p.add_argument("--out", default=str(OUT))
-    args = p.parse_args()
+    return p
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(max(1, torch.get_num_threads()))
     out = Path(args.out)

@@ -11,6 +11,8 @@
     # positions (57 % / 61 % right):
     python bench/decoder_diagnostics.py retrain --model MODEL_DIR --ceiling truth
     python bench/decoder_diagnostics.py retrain --model MODEL_DIR --ceiling 0.57,0.61
+    # what a project without held-out masks gets (they score, never choose or calibrate):
+    python bench/decoder_diagnostics.py retrain --model MODEL_DIR --unjudged
 
 MODEL_DIR: a model trained on GlaS with a decoder (``bench/train_time.py --keep DIR``).
 ``retrain`` prints two scores: PxAP of the decoders' consensus on the pixel-labelled held-out
@@ -29,9 +31,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from weak_threshold import consensus_maps, dice
 
 from wsl_models import decoder_training
-from wsl_models.calibration import calibration_samples, mask_thresholds
+from wsl_models.calibration import calibration_samples, cam_area_threshold, mask_thresholds
 from wsl_models.cam import cam_method, normalize_maps, resize_maps
 from wsl_models.data import ImageDataset, load_dataset, load_masks, stratified_holdout
 from wsl_models.decoder import FPNDecoder
@@ -43,6 +46,7 @@ from wsl_models.train_config import TrainConfig
 from wsl_models.versions import ModelStore
 
 GRID = (56, 56)  # the Lite decoders' grid at 224 px
+THRESHOLDS = ("member_thresholds", "intersection_threshold", "mean_threshold", "decoder_threshold")
 
 
 def seeds(args: argparse.Namespace) -> None:
@@ -147,9 +151,17 @@ def retrain(args: argparse.Namespace) -> None:
     for m in ens.members:
         m.decoder = FPNDecoder([lateral.in_channels for lateral in m.decoder.lateral])
     t0 = time.perf_counter()
-    report = train_decoders(ens, train_s, [None] * len(train_s), cfg, torch.device("cpu"), calib)
+    judges = () if args.unjudged else calib
+    report = train_decoders(ens, train_s, [None] * len(train_s), cfg, torch.device("cpu"), judges)
     seconds = time.perf_counter() - t0
+    conf = ens.config
+    kept = {k: getattr(conf, k) for k in THRESHOLDS}
     held_pxap = mask_thresholds(ens, calib, cfg.seed)["pxap"] if calib else {}
+    if args.unjudged:  # a new project: no held-out masks calibrate, the CAMs' area does
+        for k, v in kept.items():
+            setattr(conf, k, v)
+        values["unjudged"] = cam_area_threshold(ens, train_s, cfg.seed)
+        values["held_out_dice_fg_bg"] = dice(*consensus_maps(ens, calib), conf.decoder_threshold)
     r = evaluate(ens, ds, "test", progress=False, protocol="survey", sources=["decoder", "cam"])
     row = {
         "settings": values,
@@ -235,6 +247,12 @@ def main() -> None:
     p.add_argument("--cams", default="xgradcam,gradcam++,cam")
     p.add_argument("--ceiling", default="", help="retrain: 'truth' or 'P_FG,P_BG' seeds")
     p.add_argument("--json", default="", help="retrain: append the row to this JSON list")
+    p.add_argument(
+        "--unjudged",
+        action="store_true",
+        help="retrain as a new project would: no held-out masks choose or calibrate (they "
+        "only score); the decoder's threshold from the CAMs' area (cam_area_threshold)",
+    )
     p.add_argument("settings", nargs="*", help="retrain: TrainConfig field=value ...")
     args = p.parse_intermixed_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))

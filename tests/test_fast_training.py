@@ -174,7 +174,12 @@ def test_decoder_schedule_caps_steps_not_small_sets():
     assert decoder_epochs(short, 76, unjudged=True) == 5  # 25 steps of 5 batches
     assert decoder_epochs(short, 313, unjudged=True) == 2  # at least the 25 steps
     assert decoder_epochs(TrainConfig(decoder_steps=0, decoder_unjudged_steps=25), 76, True) == 5
-    assert decoder_epochs(TrainConfig(decoder_unjudged_steps=0), 76, unjudged=True) == 30
+    assert decoder_epochs(TrainConfig(decoder_unjudged_epochs=0), 76, unjudged=True) == 30
+    # ... and at most 8 passes over each image (the default), whatever the steps allow.
+    assert decoder_epochs(TrainConfig(), 76) == 30
+    assert decoder_epochs(TrainConfig(), 76, unjudged=True) == 8  # GlaS: 40 steps
+    assert decoder_epochs(TrainConfig(), 313, unjudged=True) == 8  # LGG: 150 steps either way
+    assert decoder_epochs(TrainConfig(), 1000, unjudged=True) == 3  # the steps bind first
 
 
 def test_a_job_fine_tuning_the_serving_version_runs_the_short_schedule(monkeypatch):

@@ -318,9 +318,9 @@ def test_self_seed_rounds_stay_off_the_path_with_human_masks(disks):
 def test_without_held_out_masks_the_unjudged_cap_shortens_the_decoder(disks, tmp_path):
     ds, cfg = _without_masks(disks, tmp_path)
     values = dict(epochs=2, weights="none", progress=False, decoder_epochs=6)
-    _, judged = train_ensemble(ds, cfg, TrainConfig(**values, decoder_unjudged_steps=0))
-    _, short = train_ensemble(ds, cfg, TrainConfig(**values, decoder_unjudged_steps=2))
+    _, judged = train_ensemble(ds, cfg, TrainConfig(**values, decoder_unjudged_epochs=0))
+    _, short = train_ensemble(ds, cfg, TrainConfig(**values, decoder_unjudged_epochs=1))
     assert judged["decoders"]["0-tiny"]["epochs"] == 6
-    # About 20 training images in batches of 16: 2 steps are 1 epoch, and it is the one kept.
+    # One pass over each image, and it is the epoch kept.
     rep = short["decoders"]["0-tiny"]
     assert rep["epochs"] == 1 and rep["selected_epoch"] == 1 and rep["select"] == "last"

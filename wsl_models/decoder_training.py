@@ -370,10 +370,13 @@ def decoder_epochs(cfg: TrainConfig, images: int, unjudged: bool = False) -> int
     steps = cfg.decoder_steps
     if unjudged and cfg.decoder_unjudged_steps > 0:
         steps = cfg.decoder_unjudged_steps if steps <= 0 else min(steps, cfg.decoder_unjudged_steps)
-    if steps <= 0:
-        return cfg.decoder_epochs
-    per_epoch = max(1, math.ceil(images / cfg.decoder_batch_size))
-    return max(1, min(cfg.decoder_epochs, math.ceil(steps / per_epoch)))
+    epochs = cfg.decoder_epochs
+    if steps > 0:
+        per_epoch = max(1, math.ceil(images / cfg.decoder_batch_size))
+        epochs = max(1, min(epochs, math.ceil(steps / per_epoch)))
+    if unjudged and cfg.decoder_unjudged_epochs > 0:
+        epochs = min(epochs, cfg.decoder_unjudged_epochs)
+    return epochs
 
 
 def _flip(tensors: list[torch.Tensor], dims: list[int]) -> list[torch.Tensor]:

@@ -364,8 +364,9 @@ def decoder_epochs(cfg: TrainConfig, images: int, unjudged: bool = False) -> int
     epochs of GlaS's 76 training images (5 batches) and 8 of LGG's 313 (20 batches), instead
     of 60 epochs each (1200 steps on LGG). ``unjudged``: a decoder learning from CAM seeds
     alone with no held-out masks to choose its epoch, which then runs at most
-    ``cfg.decoder_unjudged_steps`` (where > 0): it learns the seeds' shape in a few epochs and
-    then fits their mistakes.
+    ``cfg.decoder_unjudged_epochs`` passes over each image (and ``cfg.decoder_unjudged_steps``
+    steps, where > 0): it learns the seeds' shape in a few passes and then each image's CAM,
+    mistakes included.
     """
     steps = cfg.decoder_steps
     if unjudged and cfg.decoder_unjudged_steps > 0:

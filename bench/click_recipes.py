@@ -65,7 +65,7 @@ def main() -> None:
     else:
         data = lc.reveal(held, set(names), points)
     # As a learning-curve round without the "pseudo" setting part: no CAM pseudo-masks.
-    cfg = lc._train_config(
+    cfg = lc.train_settings(
         args, args.round_epochs, train_masks=True, mask_weight=args.mask_weight, pseudo_weight=0.0
     )
     cfg = recipe(cfg, a.set, prefix="")

@@ -155,10 +155,10 @@ def retrain(args: argparse.Namespace) -> None:
     report = train_decoders(ens, train_s, [None] * len(train_s), cfg, torch.device("cpu"), judges)
     seconds = time.perf_counter() - t0
     conf = ens.config
-    kept = {k: getattr(conf, k) for k in THRESHOLDS}
+    stored = {k: getattr(conf, k) for k in THRESHOLDS} if args.unjudged else {}
     held_pxap = mask_thresholds(ens, calib, cfg.seed)["pxap"] if calib else {}
     if args.unjudged:  # a new project: no held-out masks calibrate, the CAMs' area does
-        for k, v in kept.items():
+        for k, v in stored.items():  # mask_thresholds set them from the held-out masks
             setattr(conf, k, v)
         values["unjudged"] = cam_area_threshold(ens, train_s, cfg.seed)
         values["held_out_dice_fg_bg"] = dice(*consensus_maps(ens, calib), conf.decoder_threshold)

@@ -190,7 +190,7 @@ def threshold_sweep(ens: Ensemble, ds: Dataset) -> dict[str, dict[str, float]]:
     }
 
 
-def _train_config(args: argparse.Namespace, epochs: int, **options: object) -> TrainConfig:
+def train_settings(args: argparse.Namespace, epochs: int, **options: object) -> TrainConfig:
     """Settings shared by the base model and every round: no validation masks are assumed."""
     cfg = TrainConfig(
         epochs=epochs,
@@ -223,7 +223,7 @@ def run_setting(setting: str, ds: Dataset, base: Ensemble, args: argparse.Namesp
     points_dir = Path(tempfile.mkdtemp(prefix="camlabel-clicks-"))
     if k_clicks:  # bench/click_recipes.py retrains on these clicks
         log.info("%s: clicks written to %s", setting, points_dir)
-    tcfg = _train_config(
+    tcfg = train_settings(
         args,
         args.round_epochs,
         train_masks=True,
@@ -315,7 +315,7 @@ def train_base(ds: Dataset, args: argparse.Namespace, minmax: bool) -> Ensemble:
         localizer=minmax,
         decoder=args.decoder,
     )
-    tcfg = _train_config(args, args.init_epochs, minmax=minmax)
+    tcfg = train_settings(args, args.init_epochs, minmax=minmax)
     t0 = time.perf_counter()
     ens, _ = train_ensemble(reveal(ds, set()), cfg, tcfg)
     log.info("base (minmax=%s) trained in %.0f s", minmax, time.perf_counter() - t0)

@@ -13,6 +13,10 @@
     python bench/decoder_diagnostics.py retrain --model MODEL_DIR --ceiling 0.57,0.61
     # what a project without held-out masks gets (they score, never choose or calibrate):
     python bench/decoder_diagnostics.py retrain --model MODEL_DIR --unjudged
+    # a project with only K held-out masks (they choose and calibrate, the rest score), each
+    # model saved, then all scored on the same held-out images (those after the first 3):
+    python bench/decoder_diagnostics.py retrain --model MODEL_DIR --judges K --save OUT_K
+    python bench/decoder_diagnostics.py score --model OUT_0,OUT_1,OUT_2,OUT_3 --scored-from 3
 
 MODEL_DIR: a model trained on GlaS with a decoder (``bench/train_time.py --keep DIR``).
 ``retrain`` prints two scores: PxAP of the decoders' consensus on the pixel-labelled held-out
@@ -34,13 +38,19 @@ import torch
 from weak_threshold import consensus_maps, dice
 
 from wsl_models import decoder_training
-from wsl_models.calibration import calibration_samples, cam_area_threshold, mask_thresholds
+from wsl_models.calibration import (
+    calibration_samples,
+    cam_area_threshold,
+    choose_map_source,
+    mask_thresholds,
+)
 from wsl_models.cam import cam_method, normalize_maps, resize_maps
 from wsl_models.data import ImageDataset, load_dataset, load_masks, stratified_holdout
 from wsl_models.decoder import FPNDecoder
 from wsl_models.decoder_training import plan_targets, train_decoders
 from wsl_models.evaluation import evaluate
 from wsl_models.masks import resize_mask
+from wsl_models.metrics import pxap
 from wsl_models.supervision import IGNORE
 from wsl_models.train_config import TrainConfig
 from wsl_models.versions import ModelStore
@@ -152,6 +162,8 @@ def retrain(args: argparse.Namespace) -> None:
         m.decoder = FPNDecoder([lateral.in_channels for lateral in m.decoder.lateral])
     t0 = time.perf_counter()
     judges = () if args.unjudged else calib
+    if args.judges >= 0 and not args.unjudged:  # a project with only K held-out masks
+        judges, calib = calib[: args.judges], calib[args.judges :]
     report = train_decoders(ens, train_s, [None] * len(train_s), cfg, torch.device("cpu"), judges)
     seconds = time.perf_counter() - t0
     conf = ens.config
@@ -161,6 +173,14 @@ def retrain(args: argparse.Namespace) -> None:
         for k, v in stored.items():  # mask_thresholds set them from the held-out masks
             setattr(conf, k, v)
         values["unjudged"] = cam_area_threshold(ens, train_s, cfg.seed)
+        values["held_out_dice_fg_bg"] = dice(*consensus_maps(ens, calib), conf.decoder_threshold)
+    if args.judges >= 0 and not args.unjudged:
+        # As training calibrates: thresholds and the map source from the K judges only; the
+        # other held-out images score (mask_thresholds above set thresholds from them: redone).
+        found = mask_thresholds(ens, list(judges), cfg.seed) if judges else {}
+        if found:
+            values["map_source"] = choose_map_source(ens, found["pxap"])
+        values["judges"] = [s.name for s in judges]
         values["held_out_dice_fg_bg"] = dice(*consensus_maps(ens, calib), conf.decoder_threshold)
     r = evaluate(ens, ds, "test", progress=False, protocol="survey", sources=["decoder", "cam"])
     row = {
@@ -186,10 +206,43 @@ def retrain(args: argparse.Namespace) -> None:
         },
     }
     print(json.dumps(row), flush=True)
+    if args.save:  # the retrained model, for bench/weak_threshold.py and the like
+        ModelStore(args.save).save(ens, {"held_out": [s.name for s in held], "retrain": row})
     if args.json:
         path = Path(args.json)
         rows = json.loads(path.read_text()) if path.exists() else []
         path.write_text(json.dumps([*rows, row], indent=2))
+
+
+def score(args: argparse.Namespace) -> None:
+    """Saved models (``retrain --save``), comma-separated, scored on the same held-out images:
+    the calibration images from ``--scored-from`` on. Decoder consensus PxAP, and Dice fg / bg
+    at each model's own threshold and at the CAM-area one (``cam_area_threshold``, what a weak
+    decoder gets with fewer than ``MIN_DECODER_CALIBRATION`` held-out masks), there and on the
+    test split (survey size)."""
+    ds = load_dataset(args.data)
+    base = TrainConfig()
+    train_s, held = stratified_holdout(ds.split("train"), base.val_fraction, base.seed)
+    scored = calibration_samples(held, base.calibration_images, None)[args.scored_from :]
+    test = [s for s in ds.samples if s.split.startswith("test")]
+    rows = []
+    for model in args.model.split(","):
+        ens = ModelStore(model).load()
+        t = ens.config.decoder_threshold
+        area = cam_area_threshold(ens, train_s, base.seed)["threshold"]  # sets it: t kept above
+        row = {"model": model, "threshold": t, "cam_area_threshold": area}
+        for name, samples in (("held_out", scored), ("test", test)):
+            maps, truths = consensus_maps(ens, samples)
+            row[name] = {
+                "pxap": round(pxap(maps, truths), 1),
+                "dice_fg_bg": dice(maps, truths, t),
+                "dice_fg_bg_cam_area": dice(maps, truths, area),
+            }
+        row["held_out"]["images"] = [s.name for s in scored]
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
 
 
 def seed_maps(args: argparse.Namespace) -> None:
@@ -201,7 +254,6 @@ def seed_maps(args: argparse.Namespace) -> None:
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
     from wsl_models.images import scaled_size
-    from wsl_models.metrics import pxap
 
     ens = ModelStore(args.model).load()
     samples = load_dataset(args.data).split("train")
@@ -241,7 +293,7 @@ def seed_maps(args: argparse.Namespace) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("what", choices=["seeds", "retrain", "seedmaps"])
+    p.add_argument("what", choices=["seeds", "retrain", "seedmaps", "score"])
     p.add_argument("--model", required=True)
     p.add_argument("--data", default="../shared/data/glas")
     p.add_argument("--cams", default="xgradcam,gradcam++,cam")
@@ -253,10 +305,18 @@ def main() -> None:
         help="retrain as a new project would: no held-out masks choose or calibrate (they "
         "only score); the decoder's threshold from the CAMs' area (cam_area_threshold)",
     )
+    p.add_argument(
+        "--judges",
+        type=int,
+        default=-1,
+        help="retrain: only the first K held-out masks choose and calibrate; the others score",
+    )
+    p.add_argument("--save", default="", help="retrain: save the retrained model here")
+    p.add_argument("--scored-from", type=int, default=0, help="score: skip the first N images")
     p.add_argument("settings", nargs="*", help="retrain: TrainConfig field=value ...")
     args = p.parse_intermixed_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    {"seeds": seeds, "retrain": retrain, "seedmaps": seed_maps}[args.what](args)
+    {"seeds": seeds, "retrain": retrain, "seedmaps": seed_maps, "score": score}[args.what](args)
 
 
 if __name__ == "__main__":

@@ -189,6 +189,44 @@ def test_without_held_out_masks_the_decoder_threshold_matches_the_cams_mask_area
     assert calibrate(ensemble, empty, [], 0, 0.9, weak_decoder_images=normal) == {}
 
 
+def test_one_or_two_held_out_masks_do_not_set_the_weak_decoders_threshold(disks, weak):
+    """A threshold fitted to one or two images goes to extremes: below
+    MIN_DECODER_CALIBRATION held-out masks the weak decoder keeps the CAM-area threshold (the
+    CAMs' thresholds and the map source still come from the masks); from it on, they set it."""
+    import copy
+
+    from wsl_models.calibration import MIN_DECODER_CALIBRATION, calibrate, cam_area_threshold
+    from wsl_models.data import ImageDataset
+
+    ensemble = copy.deepcopy(weak[0])
+    cfg = ensemble.config
+    train = disks.split("train")
+    lesions = [s for s in disks.split("test") if s.label == "lesion" and s.mask is not None]
+    assert len(lesions) >= MIN_DECODER_CALIBRATION == 3
+    empty = ImageDataset([], cfg.classes, cfg.image_size)
+    for n in range(1, MIN_DECODER_CALIBRATION + 1):
+        cfg.decoder_threshold = 0.999  # any value the calibration must replace
+        report = calibrate(ensemble, empty, lesions[:n], 0, 0.9, weak_decoder_images=train)
+        fitted = report["calibration"]["thresholds"]
+        assert cfg.intersection_threshold == fitted["cam"]["_min"]  # the masks set the CAMs'
+        if n < MIN_DECODER_CALIBRATION:  # the CAMs' masks (at their new thresholds)' area
+            area = cam_area_threshold(copy.deepcopy(ensemble), train, 0)
+            assert report["decoder_threshold"]["held_out_masks"] == n
+            assert (
+                cfg.decoder_threshold
+                == area["threshold"]
+                == report["decoder_threshold"]["threshold"]
+            )
+        else:
+            assert "decoder_threshold" not in report
+            assert cfg.decoder_threshold == fitted["decoder"]["_min"]
+    # A decoder that learned from people is not a weak one: the caller passes no images.
+    cfg.decoder_threshold = 0.999
+    report = calibrate(ensemble, empty, lesions[:1], 0, 0.9)
+    assert "decoder_threshold" not in report
+    assert cfg.decoder_threshold == report["calibration"]["thresholds"]["decoder"]["_min"]
+
+
 def test_negative_evidence_keeps_normal_images_dark(disks, weak):
     ensemble, _ = weak
     normal = [s for s in disks.split("test") if s.label == "normal"]

@@ -29,6 +29,7 @@ from scipy import ndimage
 from backend.jobs import TrainingSettings, fine_tune_schedule
 from wsl_models import refine
 from wsl_models.acquisition import acquisition
+from wsl_models.calibration import calibration_samples
 from wsl_models.clicks import click_radius, click_target, save_points, simulated_clicks
 from wsl_models.data import Dataset, ImageDataset, load_dataset, stratified_holdout
 from wsl_models.ensemble import Ensemble, EnsembleConfig
@@ -137,14 +138,25 @@ def traced_pixels(samples: list) -> int:
     return total
 
 
-def scored_split(ds: Dataset, split: str, seed: int) -> Dataset:
+def judge_names(ds: Dataset, seed: int, k: int) -> list[str]:
+    """The ``k`` held-out train images whose masks the annotators drew first, in the order
+    training would take them as calibration images (classes alternating)."""
+    _, held = stratified_holdout(ds.split("train"), TrainConfig().val_fraction, seed)
+    return [s.name for s in calibration_samples(held, k, None)]
+
+
+def scored_split(
+    ds: Dataset, split: str, seed: int, judges: tuple[str, ...] = (), fraction: float | None = None
+) -> Dataset:
     """The dataset whose ``test`` split is scored: GlaS test, or with ``split="val"`` the
     train images the hash hold-out keeps out of training (never revealed, never trained on),
-    the split defaults are chosen on."""
+    the split defaults are chosen on; ``fraction`` of them (the trainer's hold-out fraction
+    unless given). ``judges`` stay held-out train images, never scored."""
     if split == "test":
         return ds
-    _, held = stratified_holdout(ds.split("train"), TrainConfig().val_fraction, seed)
-    names = {s.name for s in held}
+    fraction = TrainConfig().val_fraction if fraction is None else fraction
+    _, held = stratified_holdout(ds.split("train"), fraction, seed)
+    names = {s.name for s in held} - set(judges)
     return Dataset(ds.root, ds.classes, tuple(
         dataclasses.replace(s, split="test") if s.name in names else
         dataclasses.replace(s, split="scored-out") if s.split.startswith("test") else s
@@ -191,16 +203,11 @@ def threshold_sweep(ens: Ensemble, ds: Dataset) -> dict[str, dict[str, float]]:
 
 
 def train_settings(args: argparse.Namespace, epochs: int, **options: object) -> TrainConfig:
-    """Settings shared by the base model and every round: no validation masks are assumed."""
-    cfg = TrainConfig(
-        epochs=epochs,
-        lr=args.lr,
-        weights="imagenet",
-        calibration_images=0,
-        progress=False,
-        seed=args.seed,
-        **options,
-    )
+    """Settings shared by the base model and every round: no validation masks are assumed
+    (unless ``options`` set ``calibration_images``)."""
+    fields = {"calibration_images": 0, **options}
+    cfg = TrainConfig(epochs=epochs, lr=args.lr, weights="imagenet", progress=False,
+                      seed=args.seed, **fields)  # fmt: skip
     return recipe(cfg, ";".join(args.set), prefix="")  # --set field=value overrides
 
 
@@ -214,6 +221,11 @@ def run_setting(setting: str, ds: Dataset, base: Ensemble, args: argparse.Namesp
     annotator = next((p for p in parts if p in ("spread", "interactive")), "piled")
     # "accept": the annotator submits the smart keypoints' mask beside the clicks (interactive)
     accept = "accept" in parts
+    # "judged": the first masks go to the --judges held-out images, which then choose the
+    # segmenter's checkpoint and threshold; round 1 reveals that many fewer train images
+    judges = tuple(getattr(args, "judges_names", ())) if "judged" in parts else ()
+    if "judged" in parts and not judges:
+        raise SystemExit(f"{setting}: 'judged' needs --judges K")
     if accept and annotator != "interactive":
         raise SystemExit(f"{setting}: 'accept' needs the interactive annotator")
     clicked: dict[str, Path] = {}
@@ -230,10 +242,11 @@ def run_setting(setting: str, ds: Dataset, base: Ensemble, args: argparse.Namesp
         mask_weight=args.mask_weight,
         pseudo_weight=args.pseudo_weight if pseudo else 0.0,
         minmax="minmax" in parts,
+        calibration_images=len(judges),
     )
     tcfg = recipe(tcfg, overrides, prefix="")  # this setting's own TrainConfig fields
     train, _held = stratified_holdout(ds.split("train"), tcfg.val_fraction, tcfg.seed)
-    revealed: set[str] = set()
+    revealed: set[str] = set(judges)
     current = base
     rounds = [{"round": 0, "masks": 0, **measure_all(base, ds)}]
     log.info("%s round 0: %s", setting, rounds[-1])
@@ -244,7 +257,8 @@ def run_setting(setting: str, ds: Dataset, base: Ensemble, args: argparse.Namesp
             picked = [s.name for s in left]
         else:
             values = scores(current, left, "random" if strategy == "random" else strategy, r)
-            picked = [left[i].name for i in np.argsort(-values, kind="stable")[: args.k]]
+            k = args.k - (len(judges) if r == 1 else 0)
+            picked = [left[i].name for i in np.argsort(-values, kind="stable")[:k]]
         revealed |= set(picked)
         chosen = [s for s in left if s.name in set(picked)]
         if k_clicks:
@@ -257,7 +271,8 @@ def run_setting(setting: str, ds: Dataset, base: Ensemble, args: argparse.Namesp
             accepted_dice.extend(dices)
             effort += n
         else:
-            effort += traced_pixels(chosen)
+            judged_now = [s for s in ds.samples if s.name in judges] if r == 1 else []
+            effort += traced_pixels(chosen + judged_now)
         data = reveal(ds, revealed, clicked, accepted)
         rcfg = tcfg
         if args.job_schedule:  # what a Label Studio job fine-tuning ``current`` would run
@@ -415,6 +430,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "previous round (backend.jobs.fine_tune_schedule, TRAIN_* settings)")  # fmt: skip
     p.add_argument("--score-on", choices=["test", "val"], default="test",
                    help="val: score on the held-out train images (to choose defaults)")  # fmt: skip
+    p.add_argument("--val-fraction", type=float, default=None,
+                   help="with --score-on val: score this fraction of the train images "
+                   "(default: the trainer's hold-out)")  # fmt: skip
+    p.add_argument("--judges", type=int, default=0,
+                   help="K held-out train images, never scored, whose masks settings naming "
+                   "'judged' reveal first (part of round 1's k) to choose checkpoints and "
+                   "thresholds")  # fmt: skip
     p.add_argument("--threshold-sweep", action="store_true",
                    help="also record the decoder's Dice at several thresholds each round")  # fmt: skip
     p.add_argument("--out", default=str(OUT))
@@ -427,7 +449,9 @@ def main() -> None:
     torch.set_num_threads(max(1, torch.get_num_threads()))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    ds = scored_split(load_dataset(args.data), args.score_on, args.seed)
+    data = load_dataset(args.data)
+    args.judges_names = judge_names(data, args.seed, args.judges) if args.judges else []
+    ds = scored_split(data, args.score_on, args.seed, tuple(args.judges_names), args.val_fraction)
     settings = [s for s in args.settings.split(",") if s]
     bases: dict[bool, Ensemble] = {}
     results = []

@@ -450,6 +450,8 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     data = load_dataset(args.data)
+    if args.judges and args.val_fraction is not None:  # judges are the trainer's hold-out
+        raise SystemExit("--judges needs the trainer's hold-out: leave --val-fraction out")
     args.judges_names = judge_names(data, args.seed, args.judges) if args.judges else []
     ds = scored_split(data, args.score_on, args.seed, tuple(args.judges_names), args.val_fraction)
     settings = [s for s in args.settings.split(",") if s]

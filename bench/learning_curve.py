@@ -138,11 +138,17 @@ def traced_pixels(samples: list) -> int:
     return total
 
 
+def held_out_train(ds: Dataset, seed: int, fraction: float | None = None) -> list:
+    """The train images the hash hold-out keeps out of training (the trainer's fraction
+    unless given)."""
+    fraction = TrainConfig().val_fraction if fraction is None else fraction
+    return stratified_holdout(ds.split("train"), fraction, seed)[1]
+
+
 def judge_names(ds: Dataset, seed: int, k: int) -> list[str]:
     """The ``k`` held-out train images whose masks the annotators drew first, in the order
     training would take them as calibration images (classes alternating)."""
-    _, held = stratified_holdout(ds.split("train"), TrainConfig().val_fraction, seed)
-    return [s.name for s in calibration_samples(held, k, None)]
+    return [s.name for s in calibration_samples(held_out_train(ds, seed), k, None)]
 
 
 def scored_split(
@@ -154,9 +160,7 @@ def scored_split(
     unless given). ``judges`` stay held-out train images, never scored."""
     if split == "test":
         return ds
-    fraction = TrainConfig().val_fraction if fraction is None else fraction
-    _, held = stratified_holdout(ds.split("train"), fraction, seed)
-    names = {s.name for s in held} - set(judges)
+    names = {s.name for s in held_out_train(ds, seed, fraction)} - set(judges)
     return Dataset(ds.root, ds.classes, tuple(
         dataclasses.replace(s, split="test") if s.name in names else
         dataclasses.replace(s, split="scored-out") if s.split.startswith("test") else s

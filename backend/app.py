@@ -69,6 +69,8 @@ def create_app(settings: Settings | None = None, queue: TrainingQueue | None = N
         )
     if settings.box_prior not in ("box", "map"):
         raise ValueError(f"BOX_PRIOR must be box or map, not {settings.box_prior!r}")
+    if settings.keypoints not in ("probe", "grabcut"):
+        raise ValueError(f"KEYPOINTS must be probe or grabcut, not {settings.keypoints!r}")
     app = Flask("camlabel")
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_mb * 1024 * 1024
     holder = ModelHolder(settings)

@@ -18,8 +18,10 @@ from __future__ import annotations
 import logging
 import threading
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -32,10 +34,11 @@ MC_SEED = 0  # every prediction draws the same MC Dropout masks: scores are repr
 
 @dataclass(eq=False)  # identity: deque.remove must not compare the image tensors
 class _Job:
-    ensemble: Ensemble
+    ensemble: Ensemble | None
     images: torch.Tensor  # (n, 3, H, W)
     samples: int | None = None  # MC Dropout samples (None: the version's own; 0: none)
     future: Future = field(default_factory=Future)
+    task: Callable[[], Any] | None = None  # other model work, run alone (call())
 
 
 class InferenceEngine:
@@ -64,6 +67,17 @@ class InferenceEngine:
             self._cond.notify()
         return [out for job in jobs for out in job.future.result()]
 
+    def call(self, task: Callable[[], Any]) -> Any:
+        """``task()`` on the inference thread (other forwards of a request, e.g. the smart
+        keypoints' features), so they too never fight the predictions over the cores."""
+        job = _Job(None, torch.empty(0), task=task)
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("the inference engine is closed")
+            self._jobs.append(job)
+            self._cond.notify()
+        return job.future.result()
+
     def close(self) -> None:
         with self._cond:
             self._closed = True
@@ -78,8 +92,11 @@ class InferenceEngine:
                 return None
             batch = [self._jobs.popleft()]
             size = len(batch[0].images)
+            if batch[0].task is not None:
+                return batch
             for job in list(self._jobs):
                 same = job.ensemble is batch[0].ensemble and job.samples == batch[0].samples
+                same = same and job.task is None
                 if same and size + len(job.images) <= self.max_batch:
                     self._jobs.remove(job)
                     batch.append(job)
@@ -89,6 +106,9 @@ class InferenceEngine:
     def _serve(self) -> None:
         while (batch := self._next_batch()) is not None:
             ensemble = batch[0].ensemble
+            if batch[0].task is not None:
+                self._run(batch[0])
+                continue
             try:
                 x = torch.cat([job.images for job in batch])
                 step = 1 if self.exact else len(x)
@@ -106,3 +126,11 @@ class InferenceEngine:
             for job in batch:
                 job.future.set_result(per_image[start : start + len(job.images)])
                 start += len(job.images)
+
+    @staticmethod
+    def _run(job: _Job) -> None:
+        try:
+            job.future.set_result(job.task())
+        except Exception as exc:  # the request gets the error, the thread lives on
+            log.exception("inference task failed")
+            job.future.set_exception(exc)

@@ -12,11 +12,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from wsl_models import refine
+from wsl_models import probe, refine
 from wsl_models.acquisition import acquisition, score_from_value
 from wsl_models.ensemble import EnsembleOutput, ImageMasks
 from wsl_models.explanation import explanation_layers, flag_reasons, member_votes
-from wsl_models.images import to_tensor
+from wsl_models.images import scaled_size, to_tensor
 from wsl_models.masks import review_region
 
 from .explain import layer_label
@@ -135,7 +135,8 @@ class CamLabelModel:
     def _prompted(self, task: Any, context: dict, deadline: float) -> dict:
         """The prompted label's mask: a rectangle re-segments inside it, keypoints add or
         remove objects on top of the current mask; from the probability map (no MC samples,
-        no ranking) refined on the image by GrabCut."""
+        no ranking) refined on the image by GrabCut, or for keypoints by the feature probe
+        (KEYPOINTS)."""
         try:
             (image,) = self.fetcher.fetch_all([self._image_url(task)], deadline)
             if isinstance(image, FetchError):
@@ -166,7 +167,12 @@ class CamLabelModel:
                 if start is None and masks is not None and masks.mask is not None:
                     start = masks.mask  # no draft or prediction: the pre-annotation
                 mask = start if start is not None else mask
-            if prompt.clicks:
+            if prompt.clicks and self.settings.keypoints == "probe":
+                x2 = to_tensor(image, scaled_size(cfg.input_size, probe.FEATURE_SCALE))[None]
+                member = ensemble.members[0]
+                features = self.engine.call(lambda: probe.click_features(member, x2))
+                mask = probe.probe_clicks(features, mask, prompt.clicks)
+            elif prompt.clicks:
                 mask = refine.apply_clicks(pixels, prob, mask, prompt.clicks)
         except (FetchError, PromptError) as exc:
             return self._error(task, exc)

@@ -7,9 +7,11 @@ The usual protocol of interactive segmentation (e.g. DEXTR's and RITM's click si
 start from the pre-annotation at native size; before each click, find the largest connected
 error region against the ground truth, and click at its innermost pixel (the maximum of its
 distance transform), positive on a missed region, negative on a false one. Each click goes
-through refine.apply_clicks, as /predict runs it. Scored after every click by foreground IoU
+through the smart keypoints as /predict runs them. Scored after every click by foreground IoU
 and Dice per image, for:
-- the window seeded by the served map (camlabel's keypoints);
+- the feature probe (camlabel's keypoints, probe.probe_clicks: every answer refits from the
+  pre-annotation and all clicks so far, as Label Studio sends them all);
+- GrabCut in a window seeded by the served map (refine.apply_clicks, ``KEYPOINTS=grabcut``);
 - the window alone (no model);
 - the map-seeded window with the earlier negative click, which removed the whole connected
   component under it (kept here as the reference the change was measured against).
@@ -25,16 +27,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from scipy import ndimage
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine  # noqa: E402
 
-from wsl_models import refine  # noqa: E402
+from wsl_models import probe, refine  # noqa: E402
 from wsl_models.clicks import innermost, largest_region  # noqa: E402
 from wsl_models.data import load_dataset  # noqa: E402
-from wsl_models.images import open_image, open_mask, to_tensor  # noqa: E402
+from wsl_models.images import open_image, open_mask, scaled_size, to_tensor  # noqa: E402
 from wsl_models.metrics import segmentation_scores  # noqa: E402
 from wsl_models.versions import ModelStore  # noqa: E402
 
@@ -77,18 +80,27 @@ def main() -> None:
     p.add_argument("--split", default="test")
     p.add_argument("--clicks", type=int, default=5)
     p.add_argument("--limit", type=int, default=0, help="first N images only (0: all)")
+    p.add_argument("--with-mask", action="store_true", help="only images whose mask is not empty")
+    p.add_argument("--methods", choices=("all", "current"), default="current",
+                   help="current: without the earlier whole-component negative click")  # fmt: skip
     p.add_argument("--out", default="bench/results/interactive_clicks.json")
     args = p.parse_args()
     store = ModelStore(args.model)
     ens = store.load()
     cfg = ens.config
     samples = load_dataset(args.data).split(args.split)
+    if args.with_mask:  # a finding-vs-normal set: the clicks' protocol needs an object
+        samples = [
+            s for s in samples if s.mask is not None and np.asarray(Image.open(s.mask)).any()
+        ]
     samples = samples[: args.limit] if args.limit else samples
     seeds = {  # name: (seed the window with the map, a negative click removes its component)
-        "map-seeded window (camlabel)": (True, False),
+        "feature probe (camlabel)": None,
+        "map-seeded window (GrabCut)": (True, False),
         "window alone (no model)": (False, False),
         "map-seeded, negative removes the whole component (before)": (True, True),
     }
+    seeds = {k: v for k, v in seeds.items() if args.methods == "all" or v is None or not v[1]}
     iou = {name: np.zeros((len(samples), args.clicks + 1)) for name in seeds}
     dice = {name: np.zeros((len(samples), args.clicks + 1)) for name in seeds}
     positives = {name: 0 for name in seeds}
@@ -102,15 +114,23 @@ def main() -> None:
         start = m.mask if m.mask is not None else np.zeros_like(truth)
         pixels = np.asarray(img)
         ones.append(_scores(np.ones_like(truth), truth))
-        for name, (use_map, whole_component) in seeds.items():
-            prob = m.intersection_map if use_map else None
-            mask = start
+        features = None  # the probe's, computed at its first click
+        for name, how in seeds.items():
+            mask, clicks = start, []
             iou[name][i, 0], dice[name][i, 0] = _scores(mask, truth)
             for c in range(1, args.clicks + 1):
                 click = next_click(mask, truth)
                 if click is not None:
                     positives[name] += click[2]
-                    mask = _click(pixels, prob, mask, click, whole_component)
+                    clicks.append(click)
+                    if how is None:
+                        if features is None:
+                            x = to_tensor(img, scaled_size(cfg.input_size, probe.FEATURE_SCALE))
+                            features = probe.click_features(ens.members[0], x[None])
+                        mask = probe.probe_clicks(features, start, clicks)
+                    else:
+                        prob = m.intersection_map if how[0] else None
+                        mask = _click(pixels, prob, mask, click, how[1])
                 iou[name][i, c], dice[name][i, c] = _scores(mask, truth)
     rows = {name: {"mean_iou_after_clicks": iou[name].mean(0).round(4).tolist(),
                    "mean_dice_after_clicks": dice[name].mean(0).round(4).tolist(),

@@ -27,14 +27,14 @@ from PIL import Image
 from scipy import ndimage
 
 from backend.jobs import TrainingSettings, fine_tune_schedule
-from wsl_models import refine
+from wsl_models import probe, refine
 from wsl_models.acquisition import acquisition
 from wsl_models.calibration import calibration_samples
 from wsl_models.clicks import click_radius, click_target, save_points, simulated_clicks
 from wsl_models.data import Dataset, ImageDataset, load_dataset, stratified_holdout
 from wsl_models.ensemble import Ensemble, EnsembleConfig
 from wsl_models.evaluation import evaluate
-from wsl_models.images import open_image, open_mask, parse_size, to_tensor
+from wsl_models.images import open_image, open_mask, parse_size, scaled_size, to_tensor
 from wsl_models.mask_training import segmented
 from wsl_models.metrics import mean_scores, segmentation_scores
 from wsl_models.train_config import recipe
@@ -78,9 +78,20 @@ def reveal(
     return Dataset(ds.root, ds.classes, tuple(seen(s) for s in ds.samples))
 
 
-def refiner(pixels: np.ndarray, prob: np.ndarray | None):
-    """The smart keypoints' re-segmentation after one click, as /predict runs it."""
-    return lambda mask, click: refine.apply_clicks(pixels, prob, mask, [click])
+def refiner(pixels: np.ndarray, prob: np.ndarray | None, features: np.ndarray | None = None):
+    """The smart keypoints' re-segmentation after one click, as /predict runs it: with
+    ``features`` the probe (KEYPOINTS=probe, the default), refitted on the first mask and
+    every click so far; else GrabCut around the click (KEYPOINTS=grabcut)."""
+    if features is None:
+        return lambda mask, click: refine.apply_clicks(pixels, prob, mask, [click])
+    start, clicks = [], []
+
+    def segment(mask: np.ndarray, click) -> np.ndarray:
+        start[:] = start or [mask]
+        clicks.append(click)
+        return probe.probe_clicks(features, start[0], clicks)
+
+    return segment
 
 
 def click(
@@ -90,13 +101,15 @@ def click(
     folder: Path,
     annotator: str = "piled",
     accept: bool = False,
+    keypoints: str = "probe",
 ) -> tuple[dict[str, Path], int, dict[str, Path], list[float]]:
     """A simulated annotator's k positive + k negative clicks on each image, placed on the
     errors of ``ens``'s current mask (clicks.simulated_clicks); written as points files.
     ``annotator``: "piled" (the first simulator: clicks pile into the largest error region),
     "spread" (each click covers its inscribed disk of the error) or "interactive" (each
-    click re-segments the mask through the smart keypoints' refine.apply_clicks, seeded by
-    the served consensus map, and the next goes on what is still wrong). ``accept`` (with
+    click re-segments the mask through the smart keypoints, ``keypoints`` "probe" or
+    "grabcut" (seeded by the served consensus map) as KEYPOINTS, and the next goes on what
+    is still wrong). ``accept`` (with
     "interactive"): the annotator also submits the mask the smart keypoints made, as a
     Label Studio annotation holds both; returned with each such mask's Dice against the truth.
     """
@@ -111,7 +124,11 @@ def click(
         radius = click_radius(truth.shape)
         update, last = None, {"mask": mask}
         if annotator == "interactive":
-            segment = refiner(np.asarray(image.convert("RGB")), res.intersection_map)
+            features = None
+            if keypoints == "probe":
+                x = to_tensor(image, scaled_size(ens.config.input_size, probe.FEATURE_SCALE))
+                features = probe.click_features(ens.members[0], x[None])
+            segment = refiner(np.asarray(image.convert("RGB")), res.intersection_map, features)
 
             def update(m, c, segment=segment, last=last):
                 last["mask"] = segment(m, c)
@@ -225,6 +242,8 @@ def run_setting(setting: str, ds: Dataset, base: Ensemble, args: argparse.Namesp
     annotator = next((p for p in parts if p in ("spread", "interactive")), "piled")
     # "accept": the annotator submits the smart keypoints' mask beside the clicks (interactive)
     accept = "accept" in parts
+    # the smart keypoints the interactive annotator uses: the probe (default) or "grabcut"
+    keypoints = "grabcut" if "grabcut" in parts else "probe"
     # "judged": the first masks go to the --judges held-out images, which then choose the
     # segmenter's checkpoint and threshold; round 1 reveals that many fewer train images
     judges = tuple(getattr(args, "judges_names", ())) if "judged" in parts else ()
@@ -268,7 +287,7 @@ def run_setting(setting: str, ds: Dataset, base: Ensemble, args: argparse.Namesp
         if k_clicks:
             # Points files are derived from the dataset's masks: kept out of the results folder.
             paths, n, masks, dices = click(
-                current, chosen, k_clicks, points_dir / f"round{r}", annotator, accept
+                current, chosen, k_clicks, points_dir / f"round{r}", annotator, accept, keypoints
             )
             clicked.update(paths)
             accepted.update(masks)

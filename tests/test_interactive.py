@@ -40,6 +40,16 @@ def _two_disks() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return np.clip(out, 0, 255).astype(np.uint8), left, right
 
 
+def _bridged() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Two disks joined by a false bridge of another colour: (image, disks, bridge)."""
+    img, left, right = _two_disks()
+    bridge = np.zeros_like(left)
+    bridge[44:57, 60:141] = True
+    bridge &= ~(left | right)
+    img = np.clip(img + np.where(bridge[..., None], [-40, 40, 60], 0), 0, 255).astype(np.uint8)
+    return img, left | right, bridge
+
+
 def _iou(a: np.ndarray, b: np.ndarray) -> float:
     return float((a & b).sum() / max((a | b).sum(), 1))
 
@@ -97,11 +107,8 @@ def test_a_negative_click_removes_a_stray_component_whole():
 def test_a_negative_click_on_a_large_blob_removes_only_the_part_around_it():
     """Two disks joined by a false bridge of another colour are one component (as a GlaS mask
     joins many glands): a click on the bridge cuts the bridge around it and leaves the disks."""
-    img, left, right = _two_disks()
-    bridge = np.zeros_like(left)
-    bridge[44:57, 60:141] = True
-    bridge &= ~(left | right)
-    img = np.clip(img + np.where(bridge[..., None], [-40, 40, 60], 0), 0, 255).astype(np.uint8)
+    img, _, bridge = _bridged()
+    _, left, right = _two_disks()
     mask = left | right | bridge
     window = np.zeros_like(mask)
     window[25:76, 75:126] = True  # the click's window: a quarter of the shorter side each way
@@ -168,6 +175,11 @@ def client(model_dir):
     return create_app(Settings(model_dir=str(model_dir))).test_client()
 
 
+@pytest.fixture()
+def grabcut_client(model_dir):
+    return create_app(Settings(model_dir=str(model_dir), keypoints="grabcut")).test_client()
+
+
 @pytest.mark.parametrize("prior", ["box", "map"])
 def test_a_smart_rectangle_answers_one_brush_region_inside_it(model_dir, prior):
     client = create_app(Settings(model_dir=str(model_dir), box_prior=prior)).test_client()
@@ -189,7 +201,7 @@ def test_a_smart_rectangle_answers_one_brush_region_inside_it(model_dir, prior):
     assert "uncertainty" not in pred and "acquisition" not in pred  # no ranking work
 
 
-def test_keypoints_edit_the_tasks_current_mask(client):
+def test_grabcut_keypoints_edit_the_tasks_current_mask(grabcut_client):
     img, left, right = _two_disks()
     draft = {"result": [{"from_name": "mask", "to_name": "image", "type": "brushlabels",
                          "original_width": 200, "original_height": 100,
@@ -197,12 +209,12 @@ def test_keypoints_edit_the_tasks_current_mask(client):
                                    "brushlabels": ["lesion"]}}],
              "created_at": "2026-12-01T10:00:00Z"}  # fmt: skip
     task = {"id": 2, "data": {"image": png_data_uri(img)}, "drafts": [draft], "predictions": []}
-    pred = _prompt(client, task, [_point(75, 50, positive=False)])  # on the right disk
+    pred = _prompt(grabcut_client, task, [_point(75, 50, positive=False)])  # on the right disk
     mask = rle_to_mask(pred["result"][0]["value"]["rle"], 100, 200)
     assert np.array_equal(mask, left)
 
 
-def test_each_click_answer_applies_every_keypoint_so_far(client):
+def test_each_click_answer_applies_every_keypoint_so_far(grabcut_client):
     """Label Studio's UI sends, with each new smart keypoint, all smart keypoints of that label
     in the annotation (getConnectedDynamicRegions in its 1.23 frontend): the second answer
     holds both edits, on top of the same draft."""
@@ -213,11 +225,43 @@ def test_each_click_answer_applies_every_keypoint_so_far(client):
                                    "brushlabels": ["lesion"]}}]}  # fmt: skip
     task = {"id": 3, "data": {"image": png_data_uri(img)}, "drafts": [draft]}
     clicks = [_point(75, 50), _point(25, 50, positive=False)]  # add the right, drop the left
-    first = rle_to_mask(_prompt(client, task, clicks[:1])["result"][0]["value"]["rle"], 100, 200)
-    second = rle_to_mask(_prompt(client, task, clicks)["result"][0]["value"]["rle"], 100, 200)
+    first, second = (
+        rle_to_mask(_prompt(grabcut_client, task, c)["result"][0]["value"]["rle"], 100, 200)
+        for c in (clicks[:1], clicks)
+    )
     assert (first & left).sum() == left.sum() and _iou(first & ~left, right) >= 0.6
     assert not (second & left).any() and _iou(second, right) >= 0.6
     assert np.array_equal(second, first & ~left)
+
+
+def _draft(mask: np.ndarray) -> dict:
+    return {"result": [{"from_name": "mask", "to_name": "image", "type": "brushlabels",
+                        "original_width": 200, "original_height": 100,
+                        "value": {"format": "rle", "rle": mask_to_rle(mask),
+                                  "brushlabels": ["lesion"]}}]}  # fmt: skip
+
+
+def test_keypoints_re_segment_by_the_feature_probe(client):
+    """The default (KEYPOINTS=probe): the answer refits the probe on the draft and the clicks,
+    so a click on the missed disk adds it, one on the false bridge drops the bridge."""
+    img, left, right = _two_disks()
+    task = {"id": 6, "data": {"image": png_data_uri(img)}, "drafts": [_draft(left)]}
+    added = rle_to_mask(
+        _prompt(client, task, [_point(75, 50)])["result"][0]["value"]["rle"], 100, 200
+    )
+    img, disks, bridge = _bridged()
+    task = {"id": 7, "data": {"image": png_data_uri(img)}, "drafts": [_draft(disks | bridge)]}
+    clicks = [_point(50, 50, positive=False)]  # on the bridge, between the disks
+    cut = rle_to_mask(_prompt(client, task, clicks)["result"][0]["value"]["rle"], 100, 200)
+    print(f"probe: disk added IoU {_iou(added, left | right):.2f}, "
+          f"bridge left {(cut & bridge).sum() / bridge.sum():.2f}, disks IoU {_iou(cut, disks):.2f}")  # fmt: skip
+    assert _iou(added, left | right) >= 0.6
+    assert (cut & bridge).sum() <= 0.5 * bridge.sum() and _iou(cut, disks) >= 0.6
+
+
+def test_an_unknown_keypoints_method_fails_the_start(model_dir):
+    with pytest.raises(ValueError, match="KEYPOINTS"):
+        create_app(Settings(model_dir=str(model_dir), keypoints="magic"))
 
 
 @pytest.mark.parametrize(

@@ -7,8 +7,9 @@ The Lite trio with decoders at 224 px (random weights: speed does not depend on 
 (the HTTP layer added -0.05 % in bench/http_predict.py). The task is a 1024x1024 PNG sent as a
 data: URI (decoded per request, as a download would be). Measured per request, alternating
 the kinds so drift hits all: a rectangle of about 300x300 px around a disk, one positive
-keypoint on it, one negative keypoint on a draft that covers the whole image (one component
-larger than the click's window: the GrabCut path of refine.remove_at), and the plain
+keypoint on it, one negative keypoint on a draft that covers the whole image, both by the
+feature probe (KEYPOINTS=probe) and by GrabCut (KEYPOINTS=grabcut; the negative one a
+component larger than the click's window: the GrabCut path of refine.remove_at), and the plain
 pre-annotation (MC Dropout, uncertainty, ranking fields) for reference. Target: rectangle
 p50 <= 1 s on this 2-core machine.
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import dataclasses
 import io
 import json
 import statistics
@@ -58,8 +60,10 @@ def main() -> None:
     settings = Settings(model_dir=model_dir)
     holder = ModelHolder(settings)
     holder.preload()
-    model = CamLabelModel(holder.get(), InferenceEngine(), ImageFetcher(settings), settings,
-                          CONFIG)  # fmt: skip
+    engine = InferenceEngine()
+    model = CamLabelModel(holder.get(), engine, ImageFetcher(settings), settings, CONFIG)
+    grabcut = dataclasses.replace(settings, keypoints="grabcut")
+    model_g = CamLabelModel(holder.get(), engine, ImageFetcher(grabcut), grabcut, CONFIG)
     img, disk = disk_image(np.random.default_rng(0), (args.side, args.side), 1)
     buf = io.BytesIO()
     Image.fromarray(img).save(buf, format="PNG")
@@ -79,19 +83,21 @@ def main() -> None:
             "value": {"format": "rle", "brushlabels": ["finding"],
                       "rle": mask_to_rle(np.ones((args.side, args.side), bool))}}  # fmt: skip
     drafted = dict(task, drafts=[{"result": [full]}])
-    kinds = {  # name: (task, context)
-        "rectangle": (task, {"result": [rect]}),
-        "keypoint": (task, {"result": [point]}),
-        "negative keypoint": (drafted, {"result": [negative]}),
-        "pre-annotation": (task, None),
+    kinds = {  # name: (model, task, context)
+        "rectangle": (model, task, {"result": [rect]}),
+        "keypoint": (model, task, {"result": [point]}),
+        "negative keypoint": (model, drafted, {"result": [negative]}),
+        "keypoint (grabcut)": (model_g, task, {"result": [point]}),
+        "negative keypoint (grabcut)": (model_g, drafted, {"result": [negative]}),
+        "pre-annotation": (model, task, None),
     }
-    for job, context in kinds.values():  # warm-up
-        model.predict([job], context)
+    for answer, job, context in kinds.values():  # warm-up
+        answer.predict([job], context)
     times: dict[str, list[float]] = {k: [] for k in kinds}
     for _ in range(args.repeats):
-        for name, (job, context) in kinds.items():
+        for name, (answer, job, context) in kinds.items():
             t = time.perf_counter()
-            out = model.predict([job], context)
+            out = answer.predict([job], context)
             times[name].append(time.perf_counter() - t)
             assert "error" not in out[0], out[0]
     rows = {
@@ -103,7 +109,7 @@ def main() -> None:
         for name, ts in times.items()
     }
     for name, r in rows.items():
-        print(f"{name:18s} p50 {r['p50_ms']:6.0f} ms  p90 {r['p90_ms']:6.0f} ms  "
+        print(f"{name:28s} p50 {r['p50_ms']:6.0f} ms  p90 {r['p90_ms']:6.0f} ms  "
               f"max {r['max_ms']:6.0f} ms")  # fmt: skip
     result = {"machine": machine(), "side": args.side, "repeats": args.repeats, "rows": rows}
     out = Path(args.out)

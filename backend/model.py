@@ -16,7 +16,7 @@ from wsl_models import probe, refine
 from wsl_models.acquisition import acquisition, score_from_value
 from wsl_models.ensemble import EnsembleOutput, ImageMasks
 from wsl_models.explanation import explanation_layers, flag_reasons, member_votes
-from wsl_models.images import scaled_size, to_tensor
+from wsl_models.images import to_tensor
 from wsl_models.masks import review_region
 
 from .explain import layer_label
@@ -168,9 +168,10 @@ class CamLabelModel:
                     start = masks.mask  # no draft or prediction: the pre-annotation
                 mask = start if start is not None else mask
             if prompt.clicks and self.settings.keypoints == "probe":
-                x2 = to_tensor(image, scaled_size(cfg.input_size, probe.FEATURE_SCALE))[None]
                 member = ensemble.members[0]
-                features = self.engine.call(lambda: probe.click_features(member, x2))
+                features = self.engine.call(
+                    lambda: probe.image_features(member, image, cfg.input_size)
+                )
                 mask = probe.probe_clicks(features, mask, prompt.clicks)
             elif prompt.clicks:
                 mask = refine.apply_clicks(pixels, prob, mask, prompt.clicks)

@@ -37,7 +37,7 @@ from common import machine  # noqa: E402
 from wsl_models import probe, refine  # noqa: E402
 from wsl_models.clicks import innermost, largest_region  # noqa: E402
 from wsl_models.data import load_dataset  # noqa: E402
-from wsl_models.images import open_image, open_mask, scaled_size, to_tensor  # noqa: E402
+from wsl_models.images import open_image, open_mask, to_tensor  # noqa: E402
 from wsl_models.metrics import segmentation_scores  # noqa: E402
 from wsl_models.versions import ModelStore  # noqa: E402
 
@@ -125,8 +125,7 @@ def main() -> None:
                     clicks.append(click)
                     if how is None:
                         if features is None:
-                            x = to_tensor(img, scaled_size(cfg.input_size, probe.FEATURE_SCALE))
-                            features = probe.click_features(ens.members[0], x[None])
+                            features = probe.image_features(ens.members[0], img, cfg.input_size)
                         mask = probe.probe_clicks(features, start, clicks)
                     else:
                         prob = m.intersection_map if how[0] else None

@@ -34,7 +34,7 @@ from wsl_models.clicks import click_radius, click_target, save_points, simulated
 from wsl_models.data import Dataset, ImageDataset, load_dataset, stratified_holdout
 from wsl_models.ensemble import Ensemble, EnsembleConfig
 from wsl_models.evaluation import evaluate
-from wsl_models.images import open_image, open_mask, parse_size, scaled_size, to_tensor
+from wsl_models.images import open_image, open_mask, parse_size, to_tensor
 from wsl_models.mask_training import segmented
 from wsl_models.metrics import mean_scores, segmentation_scores
 from wsl_models.train_config import recipe
@@ -126,8 +126,7 @@ def click(
         if annotator == "interactive":
             features = None
             if keypoints == "probe":
-                x = to_tensor(image, scaled_size(ens.config.input_size, probe.FEATURE_SCALE))
-                features = probe.click_features(ens.members[0], x[None])
+                features = probe.image_features(ens.members[0], image, ens.config.input_size)
             segment = refiner(np.asarray(image.convert("RGB")), res.intersection_map, features)
 
             def update(m, c, segment=segment, last=last):

@@ -20,10 +20,12 @@ from collections.abc import Sequence
 import cv2
 import numpy as np
 import torch
+from PIL import Image
 from sklearn.linear_model import LogisticRegression
 from torch.nn import functional as F
 
 from .clicks import Click, click_radius
+from .images import scaled_size, to_tensor
 from .members import Member
 
 # Chosen on train images, 10 simulated clicks each (docs/interactive.md): 40 of GlaS (mean IoU
@@ -50,6 +52,11 @@ def click_features(member: Member, x: torch.Tensor) -> np.ndarray:
         for m in maps
     ]
     return F.normalize(torch.cat(parts, dim=1), dim=1)[0].cpu().numpy()
+
+
+def image_features(member: Member, image: Image.Image, input_size: tuple[int, int]) -> np.ndarray:
+    """``click_features`` of a PIL image seen at FEATURE_SCALE times the model's input size."""
+    return click_features(member, to_tensor(image, scaled_size(input_size, FEATURE_SCALE))[None])
 
 
 def probe_clicks(

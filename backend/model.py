@@ -150,13 +150,18 @@ class CamLabelModel:
             x = to_tensor(image, cfg.input_size)[None]
             (out,) = self.engine.predict(ensemble, x, samples=0)
             width, height = image.size
-            masks, prob = None, None
-            if prompt.clicks or self.settings.box_prior == "map":  # what uses the model's map
+
+            def model_masks() -> ImageMasks:  # at the image's size: only where they are used
                 classes = [c for c in cfg.classes
                            if schema.label_for(c, (prompt.label,), self.label_map)]  # fmt: skip
                 label = cfg.classes.index(classes[0]) if classes else None
-                masks = ensemble.masks(out, 0, (height, width), label=label)
-                prob = masks.intersection_map
+                return ensemble.masks(out, 0, (height, width), label=label)
+
+            grabcut_clicks = bool(prompt.clicks) and self.settings.keypoints == "grabcut"
+            masks = None  # the map seeds GrabCut's clicks and BOX_PRIOR=map; the probe needs none
+            if grabcut_clicks or self.settings.box_prior == "map":
+                masks = model_masks()
+            prob = masks.intersection_map if masks is not None else None
             pixels = np.asarray(image)
             mask = np.zeros((height, width), bool)
             inside = prob if self.settings.box_prior == "map" else None  # BOX_PRIOR
@@ -164,10 +169,11 @@ class CamLabelModel:
                 mask |= refine.box_mask(pixels, inside, box)
             if prompt.clicks and not prompt.boxes:  # clicks edit the mask the annotator sees
                 start = current_mask(task, schema.brush_name, prompt.label, image.size)
-                if start is None and masks is not None and masks.mask is not None:
-                    start = masks.mask  # no draft or prediction: the pre-annotation
+                if start is None:  # no draft or prediction: the pre-annotation
+                    masks = masks if masks is not None else model_masks()
+                    start = masks.mask
                 mask = start if start is not None else mask
-            if prompt.clicks and self.settings.keypoints == "probe":
+            if prompt.clicks and not grabcut_clicks:
                 member = ensemble.members[0]
                 features = self.engine.call(
                     lambda: probe.image_features(member, image, cfg.input_size)

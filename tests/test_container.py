@@ -112,6 +112,8 @@ def test_serve_predict_train_and_stop_in_the_container(image, label_studio, base
         "TRAIN_WEIGHTS": "none",
         "PROMOTE_TOLERANCE": "100",
     }
+    if "OMP_NUM_THREADS" in os.environ:  # under `make test`'s two workers: one thread, as outside
+        env["OMP_NUM_THREADS"] = os.environ["OMP_NUM_THREADS"]
     run = ["run", "-d", "--name", name, "--network", "host", "-v", f"{models}:/data/models"]
     for key, value in env.items():
         run += ["-e", f"{key}={value}"]

@@ -84,12 +84,14 @@ def refiner(pixels: np.ndarray, prob: np.ndarray | None, features: np.ndarray | 
     every click so far; else GrabCut around the click (KEYPOINTS=grabcut)."""
     if features is None:
         return lambda mask, click: refine.apply_clicks(pixels, prob, mask, [click])
-    start, clicks = [], []
+    first: list[np.ndarray] = []  # the mask before the first click: every answer refits from it
+    clicks = []
 
     def segment(mask: np.ndarray, click) -> np.ndarray:
-        start[:] = start or [mask]
+        if not first:
+            first.append(mask)
         clicks.append(click)
-        return probe.probe_clicks(features, start[0], clicks)
+        return probe.probe_clicks(features, first[0], clicks)
 
     return segment
 

@@ -95,8 +95,8 @@ class InferenceEngine:
             if batch[0].task is not None:
                 return batch
             for job in list(self._jobs):
+                # (a task() job has no ensemble, so it never joins a batch)
                 same = job.ensemble is batch[0].ensemble and job.samples == batch[0].samples
-                same = same and job.task is None
                 if same and size + len(job.images) <= self.max_batch:
                     self._jobs.remove(job)
                     batch.append(job)

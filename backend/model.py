@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 import uuid
@@ -151,17 +152,17 @@ class CamLabelModel:
             (out,) = self.engine.predict(ensemble, x, samples=0)
             width, height = image.size
 
-            def model_masks() -> ImageMasks:  # at the image's size: only where they are used
+            @functools.cache  # at the image's size, once, and only where they are used
+            def model_masks() -> ImageMasks:
                 classes = [c for c in cfg.classes
                            if schema.label_for(c, (prompt.label,), self.label_map)]  # fmt: skip
                 label = cfg.classes.index(classes[0]) if classes else None
                 return ensemble.masks(out, 0, (height, width), label=label)
 
             grabcut_clicks = bool(prompt.clicks) and self.settings.keypoints == "grabcut"
-            masks = None  # the map seeds GrabCut's clicks and BOX_PRIOR=map; the probe needs none
-            if grabcut_clicks or self.settings.box_prior == "map":
-                masks = model_masks()
-            prob = masks.intersection_map if masks is not None else None
+            # The map seeds GrabCut's clicks and BOX_PRIOR=map; the probe needs none.
+            uses_map = grabcut_clicks or self.settings.box_prior == "map"
+            prob = model_masks().intersection_map if uses_map else None
             pixels = np.asarray(image)
             mask = np.zeros((height, width), bool)
             inside = prob if self.settings.box_prior == "map" else None  # BOX_PRIOR
@@ -170,8 +171,7 @@ class CamLabelModel:
             if prompt.clicks and not prompt.boxes:  # clicks edit the mask the annotator sees
                 start = current_mask(task, schema.brush_name, prompt.label, image.size)
                 if start is None:  # no draft or prediction: the pre-annotation
-                    masks = masks if masks is not None else model_masks()
-                    start = masks.mask
+                    start = model_masks().mask
                 mask = start if start is not None else mask
             if prompt.clicks and not grabcut_clicks:
                 member = ensemble.members[0]

@@ -22,12 +22,13 @@ from typing import Any
 from huey import SqliteHuey
 
 from wsl_models.data import load_dataset
-from wsl_models.ensemble import EnsembleConfig
+from wsl_models.ensemble import Ensemble, EnsembleConfig
 from wsl_models.images import parse_size
 from wsl_models.mask_training import segmented
 from wsl_models.members import LITE_TRIO, member_spec
 from wsl_models.promotion import Tolerance, holdout_scores, promote
 from wsl_models.training import TrainConfig, compatible, train_ensemble
+from wsl_models.versions import VersionError
 
 from .annotations import annotated_labels, collect_dataset
 from .fetch import ImageFetcher
@@ -76,6 +77,9 @@ class TrainingSettings:
     seg_encoder_lr_factor: float = TrainConfig.seg_encoder_lr_factor
     unlabelled: int = 50  # TRAIN_UNLABELLED: unannotated tasks used through pseudo-masks
     tolerance: float = 2.0  # PROMOTE_TOLERANCE: points a new version may lose and still win
+    # PROMOTE_IMAGES: held-out images a new version may misclassify beyond the current (and the
+    # line's first) version, when that is more than PROMOTE_TOLERANCE points (a small hold-out)
+    tolerance_images: int = 1
 
     @classmethod
     def from_env(cls) -> TrainingSettings:
@@ -104,6 +108,7 @@ class TrainingSettings:
             ),
             unlabelled=int(e("TRAIN_UNLABELLED", str(cls.unlabelled))),
             tolerance=float(e("PROMOTE_TOLERANCE", str(cls.tolerance))),
+            tolerance_images=int(e("PROMOTE_IMAGES", str(cls.tolerance_images))),
         )
 
 
@@ -185,6 +190,35 @@ def fine_tune_schedule(
     )
 
 
+def first_served(lines: ModelLines, project_id: int) -> str | None:
+    """The project line's first version that became current (versions saved before the gate
+    recorded its verdict count as served); None while the line has none."""
+    store = lines.project(project_id)
+    for vid in store.version_ids():  # oldest first: ids start with their time
+        try:
+            promotion = store.manifest(vid).get("metrics", {}).get("promotion") or {}
+        except VersionError:
+            continue
+        if promotion.get("accepted", True):
+            return vid
+    return None
+
+
+def _load_first(
+    lines: ModelLines, project_id: int, vid: str | None, classes: Sequence[str], current: str | None
+) -> Ensemble | None:
+    """The line's first served version to compare a new one with, when it is not the current
+    one and has the same classes; None otherwise, or (logged) when it no longer loads."""
+    if vid is None or vid == current:
+        return None
+    try:
+        first = lines.project(project_id).load(vid)
+    except VersionError as exc:
+        log.warning("project %s: first version %s not compared: %s", project_id, vid, exc)
+        return None
+    return first if first.config.classes == list(classes) else None
+
+
 def train_from_project(
     settings: Settings, project_id: int, train: TrainingSettings
 ) -> tuple[str, bool, str | None]:
@@ -235,13 +269,18 @@ def train_from_project(
         new_scores = holdout_scores(ensemble, held)
         comparable = previous is not None and previous.config.classes == ens_cfg.classes
         old_scores = holdout_scores(previous, held) if comparable else {}
-        accepted, reason = promote(new_scores, old_scores, Tolerance(*[train.tolerance] * 3))
+        first_id = first_served(lines, project_id) if comparable else None
+        first = _load_first(lines, project_id, first_id, ens_cfg.classes, current)
+        first_scores = holdout_scores(first, held) if first is not None else {}
+        tolerance = Tolerance(*[train.tolerance] * 3, images=train.tolerance_images)
+        accepted, reason = promote(new_scores, old_scores, tolerance, first_scores)
         metrics["promotion"] = {
             "accepted": accepted,
             "reason": reason,
             "compared_with": current if comparable else None,
             "new": new_scores,
             "current": old_scores,
+            "first": {"version": first_id, **first_scores} if first is not None else None,
         }
         version = lines.project(project_id).save(ensemble, metrics, make_current=accepted)
         if not accepted:

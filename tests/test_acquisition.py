@@ -86,3 +86,28 @@ def test_promotion_refuses_a_worse_version_and_says_why():
     assert promote(old, {"images": 0})[0]  # nothing to compare with: the first version wins
     # Without masks on the hold-out only accuracy decides.
     assert promote({"images": 5, "accuracy": 100.0}, old)[0]
+
+
+def _held_out(right: int, n: int) -> dict:
+    return {"images": n, "accuracy": 100.0 * right / n}
+
+
+def test_promotion_lets_one_held_out_image_flip_but_never_adds_such_losses_up():
+    """On a hold-out of 7 one image is 14 points: a version that flips one is not refused
+    (2 points would refuse any flip), two are; and against the line's first version the same
+    allowance holds, so a line cannot lose one image per job for ever."""
+    assert promote(_held_out(6, 7), _held_out(7, 7))[0]
+    ok, reason = promote(_held_out(5, 7), _held_out(7, 7))
+    assert not ok and "accuracy 71.4 < 100.0 - 14.3" in reason
+    assert not promote(_held_out(6, 7), _held_out(7, 7), Tolerance(images=0))[0]  # points only
+    # The next job: one image below the current version is two below the line's first.
+    ok, reason = promote(_held_out(5, 7), _held_out(6, 7), first=_held_out(7, 7))
+    assert not ok and "worse than the line's first version" in reason
+    ok, reason = promote(_held_out(6, 7), _held_out(6, 7), first=_held_out(7, 7))
+    assert ok and "nor than the line's first" in reason
+    # A large hold-out: the points decide (2 points are 4 of 200 images).
+    assert promote(_held_out(196, 200), _held_out(200, 200))[0]
+    assert not promote(_held_out(195, 200), _held_out(200, 200))[0]
+    # Dice and PxAP keep their points whatever the hold-out's size.
+    masks = {"images": 7, "accuracy": 100.0, "dice_fg": 70.0, "pxap": 70.0}
+    assert not promote({**masks, "dice_fg": 67.0}, masks)[0]

@@ -410,12 +410,13 @@ def _rank_and_check(ls: LabelStudio, server: SimpleNamespace, pid: int, version:
 
 def _worse_version_is_kept_but_not_served(ls, server, pid: int, current: str) -> None:
     """A new version that loses on the hold-out is stored with the reason, never served."""
-    from backend.jobs import TrainingSettings, train_from_project
+    from backend.jobs import TrainingSettings, first_served, train_from_project
+    from backend.lines import ModelLines
     from wsl_models.versions import ModelStore
 
     strict = TrainingSettings(
         members="tiny,tiny", image_size="96", epochs=1, weights="none", lr=0.003,
-        tolerance=-100.0,  # a new version must be 100 points better: impossible
+        tolerance=-100.0, tolerance_images=0,  # 100 points better, no image's slack: impossible
     )  # fmt: skip
     version, promoted, _ = train_from_project(_settings(ls, server), pid, strict)
     store = ModelStore(Path(server.model_dir) / "projects" / str(pid))  # the project's line
@@ -424,6 +425,11 @@ def _worse_version_is_kept_but_not_served(ls, server, pid: int, current: str) ->
     promotion = store.manifest(version)["metrics"]["promotion"]
     assert promotion["accepted"] is False and "worse than the current" in promotion["reason"]
     assert promotion["compared_with"] == current
+    # The line's first served version is the gate's second reference when it is not the current.
+    first = first_served(ModelLines(server.model_dir), pid)
+    assert first is not None and first in store.version_ids()
+    expected = None if first == current else first
+    assert (promotion["first"] or {}).get("version") == expected, promotion
     assert ls.api("GET", f"/api/projects/{pid}").json()["model_version"] == current
 
 

@@ -213,3 +213,27 @@ def test_a_failed_ranking_is_reported_in_the_job_state(tmp_path, monkeypatch):
     assert job["state"] == "done" and job["version"] == "v2" and job["promoted"] is True
     assert job["ranking"].startswith("failed, the previous predictions are kept: ")
     assert "HTTP 500" in job["ranking"]
+
+
+def test_the_first_served_version_skips_refused_ones_and_counts_old_ones_as_served(tmp_path):
+    """The promotion gate's anchor: the line's first version made current, oldest first;
+    a version saved before the gate recorded its verdict counts as served."""
+    import json
+
+    from backend.jobs import first_served
+    from backend.lines import ModelLines
+
+    lines = ModelLines(tmp_path)
+    assert first_served(lines, 3) is None  # no line yet: the base model serves
+    folder = lines.project_dir(3) / "versions"
+    verdicts = {"20260101-000000-aaaaaa": False, "20260102-000000-bbbbbb": True}
+    for vid, accepted in verdicts.items():
+        (folder / vid).mkdir(parents=True)
+        promotion = {"accepted": accepted, "reason": "test"}
+        (folder / vid / "manifest.json").write_text(
+            json.dumps({"metrics": {"promotion": promotion}})
+        )
+    assert first_served(lines, 3) == "20260102-000000-bbbbbb"  # the refused one never served
+    (folder / "20251231-000000-cccccc").mkdir()
+    (folder / "20251231-000000-cccccc" / "manifest.json").write_text('{"metrics": {}}')
+    assert first_served(lines, 3) == "20251231-000000-cccccc"  # before the verdicts: served

@@ -18,6 +18,7 @@ from backend.settings import Settings
 from wsl_models.clicks import (
     click_radius,
     click_target,
+    clicks_in,
     load_points,
     save_points,
     simulated_clicks,
@@ -51,6 +52,17 @@ def test_points_files_round_trip_and_resize_without_new_values(tmp_path):
     assert np.array_equal(load_points(tmp_path / "p.png", (60, 80)), t)
     small = load_points(tmp_path / "p.png", (30, 40))
     assert set(np.unique(small)) <= {0, 1, IGNORE} and small[15, 20] == 1 and small[5, 5] == 0
+
+
+def test_the_clicks_of_a_points_target_are_its_disks_centres():
+    clicks = [(40.0, 30.0, True), (10.0, 10.0, False), (70.0, 50.0, False), (5.0, 50.0, True)]
+    found = clicks_in(click_target(clicks, (60, 80), radius=4))
+    assert sorted(found) == sorted(clicks)  # negatives first, each disk once
+    assert [p for *_, p in found] == [False, False, True, True]
+    # Two disks of one side that touch give one click between them.
+    merged = clicks_in(click_target([(20.0, 20.0, True), (26.0, 20.0, True)], (60, 80), 4))
+    assert merged == [(23.0, 20.0, True)]
+    assert clicks_in(np.full((8, 8), IGNORE, np.uint8)) == []
 
 
 def test_simulated_clicks_go_to_the_innermost_errors():

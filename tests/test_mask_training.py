@@ -16,12 +16,13 @@ from wsl_models.clicks import click_radius, click_target, save_points, simulated
 from wsl_models.data import Dataset, load_dataset, stratified_holdout
 from wsl_models.ensemble import Ensemble, EnsembleConfig
 from wsl_models.evaluation import evaluate
-from wsl_models.images import scaled_size
+from wsl_models.images import scaled_size, to_tensor
 from wsl_models.mask_training import (
     PSEUDO_BG,
     PSEUDO_FG,
     ClassLoss,
     confident_targets,
+    probed_targets,
     pseudo_loss,
     random_crops,
     segmentation_loss,
@@ -238,13 +239,16 @@ def _decoder_iou(ensemble, ds) -> float:
     return report["by_source"]["decoder"]["0-tiny"]["iou_fg"]
 
 
-@pytest.mark.parametrize("given", ["masks", "clicks"])
+@pytest.mark.parametrize("given", ["masks", "clicks", "probed clicks"])
 def test_four_masks_or_ten_clicks_each_beat_the_labels_only_decoder(given, weak_disks, tmp_path):
+    """ "probed clicks": the clicks train as the masks the smart keypoints' probe spreads them
+    into (seg_click_masks), dense targets with no self-training."""
     root, weak = weak_disks
     project = Path(shutil.copytree(root, tmp_path / "project"))
     tcfg = TrainConfig(
         epochs=3, lr=3e-3, decoder_epochs=10, weights="none", progress=False, train_masks=True,
         seg_steps_per_mask=15, seg_min_steps=60, seg_max_steps=60, seg_eval_every=10,
+        seg_click_masks=given == "probed clicks",
     )  # fmt: skip
     # The annotator's 4 images are lesions that train (not held out); every other training
     # image loses its mask. Held-out images keep theirs: they choose and calibrate, as the
@@ -256,7 +260,7 @@ def test_four_masks_or_ten_clicks_each_beat_the_labels_only_decoder(given, weak_
     for s in trains:
         if s not in chosen:
             s.mask.unlink()
-    if given == "clicks":  # 10 positive and 10 negative clicks instead of each mask
+    if given != "masks":  # 10 positive and 10 negative clicks instead of each mask
         (project / "points").mkdir()
         for s in chosen:
             truth = np.asarray(Image.open(s.mask)) > 0
@@ -269,16 +273,42 @@ def test_four_masks_or_ten_clicks_each_beat_the_labels_only_decoder(given, weak_
     tuned, metrics = train_ensemble(ds, weak.config, tcfg, init=weak)
     seg = metrics["segmentation"]
     assert (seg["masks"], seg["clicked"]) == ((4, 0) if given == "masks" else (0, 4)), seg
+    if given != "masks":
+        assert seg["clicks_as"] == ("probed masks" if given == "probed clicks" else "points")
     before, after = _decoder_iou(weak, ds), _decoder_iou(tuned, ds)
     print(f"{given}: decoder IoU on held-out disks {before:.1f} -> {after:.1f}")
     # Measured here: 85.4 -> 89.7 with 4 masks, 85.4 -> 94.1 with 10+10 clicks on 4 images
     # (88.0 before the clicked images' self-training, which starts half-way: step 30 of 60).
     assert after > before + 1.5, (before, after)
-    assert seg["0-tiny"]["self_training_steps"] == ([] if given == "masks" else [30])
+    assert seg["0-tiny"]["self_training_steps"] == ([30] if given == "clicks" else [])
     if given == "clicks":  # the next job fine-tunes that segmenter straight from the clicks
         _, again = train_ensemble(ds, tuned.config, tcfg, init=tuned)
         assert "skipped" in again["decoders"], again["decoders"]  # no weak stage: no CAM seeds
         assert again["segmentation"]["0-tiny"]["steps"] == 60
+
+
+def test_probed_targets_spread_the_clicks_and_keep_their_disks(weak_disks, tmp_path):
+    """The probe turns 3 + 3 clicks into a whole mask closer to the disk than the mask shown,
+    and every click's disk keeps its side."""
+    root, weak = weak_disks
+    sample = next(s for s in load_dataset(root).split("train") if s.label == "lesion")
+    truth = np.asarray(Image.open(sample.mask)) > 0
+    x = to_tensor(Image.open(sample.image), weak.config.input_size)[None]
+    lesion = weak.config.classes.index("lesion")
+    shown = weak.masks(weak.predict(x, seed=0, samples=0), 0, truth.shape, label=lesion).mask
+    shown = np.zeros_like(truth) if shown is None else shown
+    radius = click_radius(truth.shape)
+    points = click_target(simulated_clicks(shown, truth, 3, radius), truth.shape, radius)
+    save_points(points, tmp_path / "clicks.png")
+    clicked = dataclasses.replace(sample, mask=None, points=tmp_path / "clicks.png")
+    (target,) = probed_targets(weak, [clicked], truth.shape)
+    assert set(np.unique(target)) <= {0, 1}
+    assert (target[points != IGNORE] == points[points != IGNORE]).all()
+
+    def iou(m):
+        return (m & truth).sum() / max((m | truth).sum(), 1)
+
+    assert iou(target > 0) >= iou(shown), (iou(target > 0), iou(shown))
 
 
 def test_only_a_clicks_job_on_a_segmenter_skips_the_weak_decoder_stage():

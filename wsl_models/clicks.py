@@ -1,8 +1,9 @@
 """Clicks as training data: positive and negative points as sparse pixel targets.
 
 A click is (x, y, positive) in pixels of the image as displayed. Its target is a small disk
-(1 inside the object, 0 outside), every other pixel IGNORE: the decoder learns from the
-clicked pixels only (``mask_training`` drops the Dice term for such sparse targets). On disk
+(1 inside the object, 0 outside), every other pixel IGNORE. ``mask_training`` spreads an
+image's clicks into the feature probe's mask (``seg_click_masks``, default) or learns from the
+clicked pixels only (no Dice term for such sparse targets). On disk
 a dataset keeps them as ``points/NAME.png`` (uint8: 1, 0, 255), next to ``masks/``.
 
 ``simulated_clicks`` is the annotator of the interactive benchmarks: each click goes to the
@@ -39,6 +40,17 @@ def click_target(clicks: Sequence[Click], size: tuple[int, int], radius: int) ->
             raise ValueError(f"click ({x:.1f}, {y:.1f}) is outside the {width}x{height} image")
         out[(yy - y) ** 2 + (xx - x) ** 2 <= radius**2] = 1 if positive else 0
     return out
+
+
+def clicks_in(points: np.ndarray) -> list[Click]:
+    """The clicks of a points target (0 / 1 disks, IGNORE elsewhere): each disk's centre
+    (disks of one side that touch give one click at their joint centre), negatives first."""
+    found: list[Click] = []
+    for positive in (False, True):
+        labels, n = ndimage.label(points == (1 if positive else 0))
+        for y, x in ndimage.center_of_mass(np.ones_like(labels), labels, range(1, n + 1)):
+            found.append((float(x), float(y), positive))
+    return found
 
 
 def save_points(target: np.ndarray, path: Path) -> None:

@@ -17,6 +17,10 @@ whole-image step costs today):
   8 masks stays quick;
 - with pixel-labelled held-out images, the checkpoint with the best held-out PxAP is kept.
 
+Clicked images without a mask train on the mask the smart keypoints' feature probe spreads
+their clicks into (``probed_targets``; ``seg_click_masks``), or on the clicked pixels alone
+with the colour-affinity and self-training terms.
+
 The version then records ``decoder_scale``: serving runs the decoder on the image at that
 scale (``Ensemble.predict``), the classifier still at the model's size.
 """
@@ -34,11 +38,12 @@ import torch
 from torch.nn import functional as F
 from torchvision.transforms import v2
 
-from .clicks import load_points
+from . import probe
+from .clicks import clicks_in, load_points
 from .data import ImageDataset, Sample
 from .decoder_training import BestCheckpoint, HeldOut, affinity_loss, pair_weights
 from .ensemble import Ensemble, EnsembleConfig
-from .images import scaled_size
+from .images import open_image, scaled_size, to_tensor
 from .members import Member, channels_last
 from .supervision import IGNORE, human_target
 from .train_config import TrainConfig
@@ -177,6 +182,31 @@ def random_crops(
 def points_at(samples: Sequence[Sample], size: tuple[int, int]) -> list[np.ndarray]:
     """Each sample's points file (clicks) as uint8 0/1/IGNORE at ``size``."""
     return [load_points(s.points, size) for s in samples]
+
+
+@torch.no_grad()
+def probed_targets(
+    ensemble: Ensemble, samples: Sequence[Sample], size: tuple[int, int]
+) -> list[np.ndarray]:
+    """Each clicked image's clicks spread into a whole mask at ``size``, as the smart keypoints
+    spread them for the annotator (``probe.probe_clicks``): a probe on the first member's
+    features, fitted on the ensemble's current mask and the clicks; the clicked pixels keep
+    their side. What an annotator who clicked but did not submit the mask would have seen."""
+    conf = ensemble.config
+    out = []
+    for s in samples:
+        points = load_points(s.points, size)
+        image = open_image(s.image)
+        pred = ensemble.predict(to_tensor(image, conf.input_size)[None], seed=0, samples=0)
+        label = conf.classes.index(s.label) if s.label in conf.classes else None
+        shown = ensemble.masks(pred, 0, size, label=label).mask
+        shown = np.zeros(size, bool) if shown is None else shown
+        features = probe.image_features(ensemble.members[0], image, conf.input_size)
+        spread = probe.probe_clicks(features, shown, clicks_in(points)).astype(np.uint8)
+        clicked = points != IGNORE  # the clicked pixels themselves, exactly as stored
+        spread[clicked] = points[clicked]
+        out.append(spread)
+    return out
 
 
 class SegmentationSet:
@@ -413,20 +443,23 @@ def train_segmentation(
     if len(negative_s) > 4 * len(masked_s):  # enough to teach the background, cheap to decode
         rng = np.random.default_rng(cfg.seed)
         negative_s = [negative_s[i] for i in sorted(rng.choice(len(negative_s), 4 * len(masked_s), replace=False))]  # fmt: skip
+    # With seg_click_masks the clicks train as the whole mask the probe spreads them into.
+    clicked = probed_targets(ensemble, click_s, size) if cfg.seg_click_masks else None
     targets = [
         *(human_target(s, size) for s in mask_s),
-        *points_at(click_s, size),
+        *(clicked if clicked is not None else points_at(click_s, size)),
         *(np.zeros(size, np.uint8) for _ in negative_s),
     ]
     data = SegmentationSet([*masked_s, *negative_s], conf.classes, size, targets)
     masked = np.arange(len(masked_s))
     negatives = np.arange(len(masked_s), len(masked_s) + len(negative_s))
     dense = torch.ones(len(targets), dtype=torch.bool)
-    dense[len(mask_s) : len(masked_s)] = False
+    dense[len(mask_s) : len(masked_s)] = clicked is not None
     held = HeldOut.of(ensemble, held_out, size)
     report: dict[str, Any] = {
         "masks": len(mask_s),
         "clicked": len(click_s),
+        "clicks_as": "probed masks" if clicked is not None else "points",
         "negatives": len(negative_s),
         "decoder_scale": cfg.seg_scale,
         "input_size": list(size),

@@ -40,6 +40,8 @@ from .settings import Settings
 
 log = logging.getLogger(__name__)
 
+CLICK_MASKS = "click_masks"  # a project's spread masks of clicked tasks (mask_training)
+
 
 @dataclass(frozen=True)
 class TrainingSettings:
@@ -260,6 +262,8 @@ def train_from_project(
         schema = parse_label_config(project["label_config"])
         masked = [c for c in dataset.classes if c in schema.brush_labels] or None
         ens_cfg, cfg = job_configs(dataset.classes, masked, train, settings)
+        # A clicked task's spread mask is made once, by the version it was first clicked on.
+        cfg = replace(cfg, seg_click_mask_dir=str(lines.project_dir(project_id) / CLICK_MASKS))
         if compatible(previous, ens_cfg):
             cfg = fine_tune_schedule(cfg, train, ens_cfg.members, segmented(previous))
         ensemble, metrics = train_ensemble(dataset, ens_cfg, cfg, init=previous)

@@ -2,6 +2,7 @@
 
     MODEL_DIR/projects/<id>/versions/, CURRENT   the project's line (a ModelStore)
     MODEL_DIR/projects/<id>/job.json             its last training job
+    MODEL_DIR/projects/<id>/click_masks/         clicked tasks' spread masks, made once
     BASE_MODEL (default MODEL_DIR itself)        a line trained offline (`camlabel train`)
 
 A project is served from its own CURRENT; until it has one, from the base model's, which is

@@ -262,6 +262,8 @@ def test_pre_annotate_learn_and_rank(label_studio, backend, tmp_path):
     assert segmentation.get("clicked", 0) == len(set(trained) - set(masked))
     if segmentation.get("clicked"):  # spread into the probe's mask, as the annotator saw it
         assert segmentation["clicks_as"] == "probed masks", segmentation
+        kept = Path(server.model_dir) / "projects" / str(pid) / "click_masks"
+        assert len(list(kept.glob("*.png"))) >= segmentation["clicked"]  # made once, kept
     assert manifest["config"]["decoder_scale"] == (2.0 if trained else 1.0)
     assert manifest["metrics"]["pseudo_masks"] > 0
     # A decoder trained on human masks keeps its probability threshold.

@@ -287,9 +287,9 @@ def test_four_masks_or_ten_clicks_each_beat_the_labels_only_decoder(given, weak_
         assert again["segmentation"]["0-tiny"]["steps"] == 60
 
 
-def test_probed_targets_spread_the_clicks_and_keep_their_disks(weak_disks, tmp_path):
+def test_probed_targets_spread_the_clicks_keep_their_disks_and_are_made_once(weak_disks, tmp_path):
     """The probe turns 3 + 3 clicks into a whole mask closer to the disk than the mask shown,
-    and every click's disk keeps its side."""
+    every click's disk keeps its side, and a kept mask is read back until the clicks change."""
     root, weak = weak_disks
     sample = next(s for s in load_dataset(root).split("train") if s.label == "lesion")
     truth = np.asarray(Image.open(sample.mask)) > 0
@@ -309,6 +309,20 @@ def test_probed_targets_spread_the_clicks_and_keep_their_disks(weak_disks, tmp_p
         return (m & truth).sum() / max((m | truth).sum(), 1)
 
     assert iou(target > 0) >= iou(shown), (iou(target > 0), iou(shown))
+    # Kept: made once, read back by later jobs (here: a file made all background on purpose),
+    # and made anew once the image's clicks change.
+    keep = tmp_path / "kept"
+    (made,) = probed_targets(weak, [clicked], truth.shape, keep)
+    assert np.array_equal(made, target) and len(list(keep.iterdir())) == 1
+    (path,) = keep.iterdir()
+    Image.fromarray(np.zeros(truth.shape, np.uint8)).save(path)
+    (again,) = probed_targets(weak, [clicked], truth.shape, keep)
+    assert not again[points == IGNORE].any()
+    assert (again[points != IGNORE] == points[points != IGNORE]).all()
+    save_points(click_target(simulated_clicks(shown, truth, 4, radius), truth.shape, radius),
+                clicked.points)  # fmt: skip
+    probed_targets(weak, [clicked], truth.shape, keep)
+    assert len(list(keep.iterdir())) == 2
 
 
 def test_only_a_clicks_job_on_a_segmenter_skips_the_weak_decoder_stage():

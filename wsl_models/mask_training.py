@@ -29,12 +29,16 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
+import os
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.nn import functional as F
 from torchvision.transforms import v2
 
@@ -43,7 +47,8 @@ from .clicks import clicks_in, load_points
 from .data import ImageDataset, Sample
 from .decoder_training import BestCheckpoint, HeldOut, affinity_loss, pair_weights
 from .ensemble import Ensemble, EnsembleConfig
-from .images import open_image, scaled_size, to_tensor
+from .images import open_image, open_mask, scaled_size, to_tensor
+from .masks import resize_mask
 from .members import Member, channels_last
 from .supervision import IGNORE, human_target
 from .train_config import TrainConfig
@@ -186,16 +191,30 @@ def points_at(samples: Sequence[Sample], size: tuple[int, int]) -> list[np.ndarr
 
 @torch.no_grad()
 def probed_targets(
-    ensemble: Ensemble, samples: Sequence[Sample], size: tuple[int, int]
+    ensemble: Ensemble, samples: Sequence[Sample], size: tuple[int, int], keep: Path | None = None
 ) -> list[np.ndarray]:
     """Each clicked image's clicks spread into a whole mask at ``size``, as the smart keypoints
     spread them for the annotator (``probe.probe_clicks``): a probe on the first member's
     features, fitted on the ensemble's current mask and the clicks; the clicked pixels keep
-    their side. What an annotator who clicked but did not submit the mask would have seen."""
+    their side. What an annotator who clicked but did not submit the mask would have seen.
+
+    ``keep``: a folder where each mask stays, named by a hash of the image and its clicks, so
+    that it is made once, by the version the image was first clicked on, as a submitted mask
+    would be; later jobs read it back (new clicks make a new one)."""
     conf = ensemble.config
     out = []
     for s in samples:
         points = load_points(s.points, size)
+        clicked = points != IGNORE  # the clicked pixels themselves, exactly as stored
+        kept = None
+        if keep is not None:
+            digest = hashlib.sha256(Path(s.image).read_bytes() + Path(s.points).read_bytes())
+            kept = keep / f"{digest.hexdigest()[:32]}.png"
+            if kept.is_file():
+                spread = resize_mask(open_mask(kept), size).astype(np.uint8)
+                spread[clicked] = points[clicked]
+                out.append(spread)
+                continue
         image = open_image(s.image)
         pred = ensemble.predict(to_tensor(image, conf.input_size)[None], seed=0, samples=0)
         label = conf.classes.index(s.label) if s.label in conf.classes else None
@@ -203,8 +222,12 @@ def probed_targets(
         shown = np.zeros(size, bool) if shown is None else shown
         features = probe.image_features(ensemble.members[0], image, conf.input_size)
         spread = probe.probe_clicks(features, shown, clicks_in(points)).astype(np.uint8)
-        clicked = points != IGNORE  # the clicked pixels themselves, exactly as stored
         spread[clicked] = points[clicked]
+        if kept is not None:
+            kept.parent.mkdir(parents=True, exist_ok=True)
+            partial = kept.with_suffix(".tmp")
+            Image.fromarray(spread * 255).save(partial, format="PNG")
+            os.replace(partial, kept)  # whole or absent, should a job die while writing
         out.append(spread)
     return out
 
@@ -444,7 +467,8 @@ def train_segmentation(
         rng = np.random.default_rng(cfg.seed)
         negative_s = [negative_s[i] for i in sorted(rng.choice(len(negative_s), 4 * len(masked_s), replace=False))]  # fmt: skip
     # With seg_click_masks the clicks train as the whole mask the probe spreads them into.
-    clicked = probed_targets(ensemble, click_s, size) if cfg.seg_click_masks else None
+    keep = Path(cfg.seg_click_mask_dir) if cfg.seg_click_mask_dir else None
+    clicked = probed_targets(ensemble, click_s, size, keep) if cfg.seg_click_masks else None
     targets = [
         *(human_target(s, size) for s in mask_s),
         *(clicked if clicked is not None else points_at(click_s, size)),

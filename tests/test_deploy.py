@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import importlib.util
 import json
 import os
 import re
@@ -31,6 +32,7 @@ from .progress import wait_http, wait_while_progressing
 ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent  # the venv running the tests stands for /opt/venv
 INSTALL_SCRIPT = "scripts/install.sh"
+UV_SCRIPT = "scripts/uv_install.py"
 AUTH = ("deploy", "deploy-pass")
 
 
@@ -108,9 +110,10 @@ def test_the_image_installs_with_the_script_make_setup_runs(tmp_path):
     assert "--editable" not in full[0], "the image installs the package, not a link to /app"
     # Nothing is installed past the script, so the image cannot drift from what CI tests.
     for run in runs:
-        assert not re.search(r"\bpip3? install\b|-m pip\b|\buv\b", run), run
+        assert not re.search(r"\bpip3? install\b|-m pip\b|\buv pip\b", run), run
     copies = [c.split() for c in instructions("COPY")]
-    assert copies[0] == [INSTALL_SCRIPT, INSTALL_SCRIPT], "copy the script before the torch layer"
+    assert set(copies[0][:-1]) == {INSTALL_SCRIPT, UV_SCRIPT}, "the scripts before the torch layer"
+    assert copies[0][-1] == "scripts/"
     assert dockerfile_env()["PATH"].split(":")[0] == "/opt/venv/bin"
 
     # `make setup` runs the same script (dry run: -n prints the recipe, -B ignores timestamps).
@@ -125,6 +128,7 @@ def test_the_image_installs_with_the_script_make_setup_runs(tmp_path):
     calls = [shlex.split(line) for line in dry.stdout.splitlines() if INSTALL_SCRIPT in line]
     assert len(calls) == 1, dry.stdout
     assert calls[0][-2:] == [str(venv), "dev"] and "--editable" in calls[0], calls[0]
+    assert "INSTALLER=uv" in calls[0], calls[0]
     assert any(word == INSTALL_SCRIPT for word in calls[0]), calls[0]
 
 
@@ -143,6 +147,43 @@ def test_install_script_is_valid_and_pins_the_same_torch():
     assert sorted(pins.group(1).split()) == sorted(
         re.findall(r'"(torch(?:vision)?==[^"]+)"', pyproject)
     )
+
+
+def test_uv_installs_from_where_pip_would(tmp_path):
+    """`make setup` and the image install with uv, which reads no pip configuration: it must get
+    pip's indexes, links, constraints and CA bundle, or torch's CUDA build comes from PyPI."""
+    spec = importlib.util.spec_from_file_location("uv_install", ROOT / UV_SCRIPT)
+    uv_install = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(uv_install)
+    conf = tmp_path / "pip.conf"
+    conf.write_text(
+        "[global]\nextra-index-url = file:///a/simple file:///b/simple\n"
+        "find-links = /wheels\nconstraint = /c.txt\ncert = /ca.pem\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_")}
+    env["PIP_CONFIG_FILE"] = str(conf)
+    listing = subprocess.run(
+        [sys.executable, "-m", "pip", "config", "list"],
+        env=env, capture_output=True, text=True, timeout=60, check=True,
+    ).stdout  # fmt: skip
+    settings = uv_install.pip_settings(listing)
+    out = uv_install.uv_flags(settings)
+    pairs = list(zip(out, out[1:], strict=False))
+    assert pairs.index(("--extra-index-url", "file:///a/simple")) < pairs.index(
+        ("--extra-index-url", "file:///b/simple")
+    )
+    for pair in [("--find-links", "/wheels"), ("--constraint", "/c.txt")]:
+        assert pair in pairs, out
+    assert ("--index-strategy", "unsafe-best-match") in pairs and "--compile-bytecode" in out
+    assert "--no-index" not in out
+    assert uv_install.uv_env(settings, {})["SSL_CERT_FILE"] == "/ca.pem"
+    assert uv_install.uv_env(settings, {"SSL_CERT_FILE": "/own.pem"})["SSL_CERT_FILE"] == "/own.pem"
+    # The script refuses an installer it does not know before it creates anything.
+    r = subprocess.run(
+        ["bash", str(ROOT / INSTALL_SCRIPT), str(tmp_path / "venv")],
+        env={**os.environ, "INSTALLER": "conda"}, capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert r.returncode == 2 and "INSTALLER" in r.stderr and not (tmp_path / "venv").exists()
 
 
 # --------------------------------------------------------------------- the image's contract

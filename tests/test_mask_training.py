@@ -3,6 +3,7 @@ the decoder served at its own scale, and versions from before it."""
 
 import dataclasses
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -287,7 +288,9 @@ def test_four_masks_or_ten_clicks_each_beat_the_labels_only_decoder(given, weak_
         assert again["segmentation"]["0-tiny"]["steps"] == 60
 
 
-def test_probed_targets_spread_the_clicks_keep_their_disks_and_are_made_once(weak_disks, tmp_path):
+def test_probed_targets_spread_the_clicks_keep_their_disks_and_are_made_once(
+    weak_disks, tmp_path, caplog
+):
     """The probe turns 3 + 3 clicks into a whole mask closer to the disk than the mask shown,
     every click's disk keeps its side, and a kept mask is read back until the clicks change."""
     root, weak = weak_disks
@@ -319,6 +322,12 @@ def test_probed_targets_spread_the_clicks_keep_their_disks_and_are_made_once(wea
     (again,) = probed_targets(weak, [clicked], truth.shape, keep)
     assert not again[points == IGNORE].any()
     assert (again[points != IGNORE] == points[points != IGNORE]).all()
+    # A kept file that no longer decodes (a disk error, a killed copy) is made again, logged.
+    path.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    with caplog.at_level(logging.WARNING, logger="wsl_models.mask_training"):
+        (remade,) = probed_targets(weak, [clicked], truth.shape, keep)
+    assert np.array_equal(remade, target) and "unreadable" in caplog.text
+    assert np.array_equal(np.asarray(Image.open(path)) > 0, target > 0)
     save_points(click_target(simulated_clicks(shown, truth, 4, radius), truth.shape, radius),
                 clicked.points)  # fmt: skip
     probed_targets(weak, [clicked], truth.shape, keep)

@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import logging
 import os
 import time
 from collections.abc import Sequence
@@ -47,11 +48,13 @@ from .clicks import clicks_in, load_points
 from .data import ImageDataset, Sample
 from .decoder_training import BestCheckpoint, HeldOut, affinity_loss, pair_weights
 from .ensemble import Ensemble, EnsembleConfig
-from .images import open_image, open_mask, scaled_size, to_tensor
+from .images import ImageError, open_image, open_mask, scaled_size, to_tensor
 from .masks import resize_mask
 from .members import Member, channels_last
 from .supervision import IGNORE, human_target
 from .train_config import TrainConfig
+
+log = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------- pure functions
 
@@ -200,22 +203,24 @@ def probed_targets(
 
     ``keep``: a folder where each mask stays, named by a hash of the image and its clicks, so
     that it is made once, by the version the image was first clicked on, as a submitted mask
-    would be; later jobs read it back (new clicks make a new one)."""
+    would be; later jobs read it back (new clicks make a new one). A kept file that no longer
+    decodes is logged and made again: it is a cache, never a reason for a job to fail."""
     conf = ensemble.config
     out = []
     for s in samples:
         points = load_points(s.points, size)
         clicked = points != IGNORE  # the clicked pixels themselves, exactly as stored
+        data = Path(s.image).read_bytes()  # read once: hashed, then decoded
         kept = None
         if keep is not None:
-            digest = hashlib.sha256(Path(s.image).read_bytes() + Path(s.points).read_bytes())
+            digest = hashlib.sha256(data + Path(s.points).read_bytes())
             kept = keep / f"{digest.hexdigest()[:32]}.png"
-            if kept.is_file():
-                spread = resize_mask(open_mask(kept), size).astype(np.uint8)
+            spread = _read_kept(kept, size)
+            if spread is not None:
                 spread[clicked] = points[clicked]
                 out.append(spread)
                 continue
-        image = open_image(s.image)
+        image = open_image(data)
         pred = ensemble.predict(to_tensor(image, conf.input_size)[None], seed=0, samples=0)
         label = conf.classes.index(s.label) if s.label in conf.classes else None
         shown = ensemble.masks(pred, 0, size, label=label).mask
@@ -230,6 +235,17 @@ def probed_targets(
             os.replace(partial, kept)  # whole or absent, should a job die while writing
         out.append(spread)
     return out
+
+
+def _read_kept(path: Path, size: tuple[int, int]) -> np.ndarray | None:
+    """A kept spread mask at ``size``, or None when there is none or it does not decode."""
+    if not path.is_file():
+        return None
+    try:
+        return resize_mask(open_mask(path), size).astype(np.uint8)
+    except ImageError as exc:
+        log.warning("kept click mask %s is unreadable, making it again: %s", path.name, exc)
+        return None
 
 
 class SegmentationSet:

@@ -1,12 +1,16 @@
-"""Learning curves on GlaS with simulated annotators (issue 4).
+"""Learning curves with simulated annotators (GlaS; LGG with --mask-classes tumour).
 
 Round 0: a model trained on image-level labels only. Each round a strategy picks ``k`` train
 images whose ground-truth masks are then revealed; the model is fine-tuned from the previous
 round (as the backend does) on labels + revealed masks (+ pseudo-masks for the rest, when on);
-PxAP and foreground/background Dice are measured on testA+testB. Dice-AUC = mean over rounds.
+PxAP and foreground/background Dice are measured on the test split (GlaS: testA+testB).
+Dice-AUC = mean over rounds. With --mask-classes, a picked image of another class (a normal
+slice) gives its label only, as in a Label Studio project whose config masks only findings.
 
     python bench/learning_curve.py --data ../shared/data/glas \
         --settings random,entropy,bald,random+pseudo,entropy+pseudo,random+pseudo+minmax
+    python bench/learning_curve.py --data ../shared/data/lgg --mask-classes tumour \
+        --mask-weight 5 --settings random,random+clicks10+interactive
 
 Writes bench/results/learning_curve/{results.json, curves.png, summary.md}.
 """
@@ -224,6 +228,10 @@ def threshold_sweep(ens: Ensemble, ds: Dataset) -> dict[str, dict[str, float]]:
     }
 
 
+def mask_classes(args: argparse.Namespace) -> list[str] | None:
+    return [c for c in getattr(args, "mask_classes", "").split(",") if c] or None
+
+
 def train_settings(args: argparse.Namespace, epochs: int, **options: object) -> TrainConfig:
     """Settings shared by the base model and every round: no validation masks are assumed
     (unless ``options`` set ``calibration_images``)."""
@@ -287,9 +295,12 @@ def run_setting(setting: str, ds: Dataset, base: Ensemble, args: argparse.Namesp
         chosen = [s for s in left if s.name in set(picked)]
         if k_clicks:
             # Points files are derived from the dataset's masks: kept out of the results folder.
+            # An image of a class without objects (a normal slice) gets its label, no clicks.
+            wanted = current.config.mask_classes or current.config.classes
             paths, n, masks, dices = click(
-                current, chosen, k_clicks, points_dir / f"round{r}", annotator, accept, keypoints
-            )
+                current, [s for s in chosen if s.label in wanted], k_clicks,
+                points_dir / f"round{r}", annotator, accept, keypoints,
+            )  # fmt: skip
             clicked.update(paths)
             accepted.update(masks)
             accepted_dice.extend(dices)
@@ -353,6 +364,7 @@ def train_base(ds: Dataset, args: argparse.Namespace, minmax: bool) -> Ensemble:
         image_size=parse_size(args.size),
         localizer=minmax,
         decoder=args.decoder,
+        mask_classes=mask_classes(args),
     )
     tcfg = train_settings(args, args.init_epochs, minmax=minmax)
     t0 = time.perf_counter()
@@ -400,8 +412,8 @@ def plot(results: list[dict], path: Path) -> None:
 
 def summary(results: list[dict], args: argparse.Namespace) -> str:
     lines = [
-        f"Learning curves, GlaS train -> "
-        f"{'the held-out train images' if getattr(args, 'score_on', 'test') == 'val' else 'testA+testB'}, "
+        f"Learning curves, {Path(args.data).name} train -> "
+        f"{'the held-out train images' if getattr(args, 'score_on', 'test') == 'val' else 'test'}, "
         f"members {args.members}, input {args.size}, "
         f"k={args.k} masks/round, {args.rounds} rounds, {args.init_epochs} base epochs, "
         f"{args.round_epochs} epochs/round, mask weight {args.mask_weight}, pseudo weight "
@@ -433,6 +445,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default="../shared/data/glas")
     p.add_argument("--members", default="efficientnet_lite0")
     p.add_argument("--size", default="224")
+    p.add_argument("--mask-classes", default="",
+                   help="comma-separated classes with objects (LGG: tumour); images of the "
+                   "others are picked like any, but give only their label: no mask, no "
+                   "clicks (default: every class)")  # fmt: skip
     p.add_argument(
         "--settings",
         default="random,entropy,bald,random+pseudo",

@@ -12,7 +12,7 @@
 #
 # PYTHON names the interpreter that creates the venv (default python3). INSTALLER=uv (`make
 # setup`, the Dockerfile) installs with uv (UV_PIN, put in the venv by pip) from where pip
-# would (scripts/uv_install.py): the same wheels, unpacked in parallel and linked from uv's
+# would (scripts/uv_install.py): the same sources, unpacked in parallel and linked from uv's
 # cache on later installs (torch: about 100 s with pip, 12 s). INSTALLER=pip (default) uses pip.
 # Torch comes from PyPI:
 # on Linux x86_64 that wheel is a CUDA build that brings its CUDA libraries, so one install

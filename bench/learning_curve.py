@@ -399,9 +399,7 @@ def plot(results: list[dict], path: Path) -> None:
                         linestyle=style,
                         label=f"{res['setting']} ({src} map)",
                     )
-    for ax, title in zip(
-        axes, ("foreground Dice (testA+testB)", "PxAP (testA+testB)"), strict=True
-    ):
+    for ax, title in zip(axes, ("foreground Dice (test split)", "PxAP (test split)"), strict=True):
         ax.set_xlabel("human masks revealed")
         ax.set_title(title)
         ax.grid(alpha=0.3)

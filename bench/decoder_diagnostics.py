@@ -197,12 +197,15 @@ def retrain(args: argparse.Namespace) -> None:
         "selected_epochs": {
             k: v.get("selected_epoch")
             for k, v in report.items()
-            if isinstance(v, dict) and not k.startswith("self_seed_round")
+            if isinstance(v, dict) and "_round_" not in k
         },
         "self_seed_kept": {
-            k: {m: r["kept"] for m, r in v.items()}
+            k: {
+                m: [r["previous_held_out_pxap"], r["held_out_pxap"], r["kept"]]
+                for m, r in v.items()
+            }
             for k, v in report.items()
-            if k.startswith("self_seed_round")
+            if "_round_" in k
         },
     }
     print(json.dumps(row), flush=True)

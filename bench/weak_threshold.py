@@ -43,6 +43,18 @@ def consensus_maps(ensemble, samples) -> tuple[list[np.ndarray], list[np.ndarray
     return maps, truths
 
 
+def model_splits(store: ModelStore, ensemble, data: str) -> tuple[list, list, list]:
+    """The model's training images (its held-out ones left out), and the held-out train and
+    test images of mask classes (LGG: tumour; a normal slice's mask comes from its class)."""
+    held = set(store.manifest(store.current_id())["metrics"]["held_out"])
+    ds = load_dataset(data)
+    wanted = set(ensemble.config.mask_classes or ensemble.config.classes)
+    scored = [s for s in ds.samples if s.label in wanted]
+    train = [s for s in ds.split("train") if s.name not in held]
+    held_s = [s for s in scored if s.split == "train" and s.name in held]
+    return train, held_s, [s for s in scored if s.split.startswith("test")]
+
+
 def dice(maps: list[np.ndarray], truths: list[np.ndarray], t: float) -> list[float]:
     rows = [segmentation_scores(m > t, y) for m, y in zip(maps, truths, strict=True)]
     return [round(100 * float(np.mean([r[k] for r in rows])), 1) for k in ("dice_fg", "dice_bg")]
@@ -58,14 +70,7 @@ def main() -> None:
     store = ModelStore(args.model)
     ensemble = store.load()
     calibrated = ensemble.config.decoder_threshold
-    held = set(store.manifest(store.current_id())["metrics"]["held_out"])
-    ds = load_dataset(args.data)
-    # Images of mask classes only (LGG: tumour; a normal slice's mask comes from its class).
-    wanted = set(ensemble.config.mask_classes or ensemble.config.classes)
-    scored_s = [s for s in ds.samples if s.label in wanted]
-    train = [s for s in ds.split("train") if s.name not in held]
-    held_s = [s for s in scored_s if s.split == "train" and s.name in held]
-    test = [s for s in scored_s if s.split.startswith("test")]
+    train, held_s, test = model_splits(store, ensemble, args.data)
     rule = cam_area_threshold(ensemble, train, seed=0)
     scored = {
         name: consensus_maps(ensemble, s) for name, s in (("held_out", held_s), ("test", test))

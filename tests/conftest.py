@@ -62,7 +62,12 @@ def model_dir(synth_dir, tmp_path_factory):
         # No self-seed rounds: the serving tests need a decoder, not the best one
         # (tests/test_seeds.py and tests/test_decoder.py cover the rounds).
         tcfg = TrainConfig(
-            epochs=20, lr=3e-3, weights="none", progress=False, decoder_self_seed_rounds=0
+            epochs=20,
+            lr=3e-3,
+            weights="none",
+            progress=False,
+            decoder_self_seed_rounds=0,
+            decoder_probe_rounds=0,
         )
         ensemble, metrics = train_ensemble(ds, cfg, tcfg)
         ModelStore(root).save(ensemble, metrics)
@@ -99,7 +104,8 @@ def base_model(tmp_path_factory) -> Path:
         train = subprocess.run(
             [sys.executable, "-m", "backend.cli", "train", "--data", str(data), "--out", str(out),
              "--members", "tiny,tiny", "--image-size", "96", "--weights", "none", "--epochs", "30",
-             "--lr", "0.003", "--mask-classes", "finding", "--self-seed-rounds", "0"],
+             "--lr", "0.003", "--mask-classes", "finding", "--self-seed-rounds", "0",
+             "--probe-rounds", "0"],
             capture_output=True, text=True, timeout=600,
         )  # fmt: skip
         assert train.returncode == 0, train.stderr[-2000:]

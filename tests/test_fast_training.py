@@ -145,7 +145,12 @@ def test_whole_backbone_trainer_stays_for_minmax_scratch_and_opt_out(disks):
 def test_banked_ensemble_learns_disks_and_fine_tunes_with_masks(disks):
     """Labels only, then a fine-tuning run with masks: both banked, both valid versions."""
     cfg = TrainConfig(
-        epochs=4, decoder_epochs=2, progress=False, lr=3e-3, decoder_self_seed_rounds=0
+        epochs=4,
+        decoder_epochs=2,
+        progress=False,
+        lr=3e-3,
+        decoder_self_seed_rounds=0,
+        decoder_probe_rounds=0,
     )
     ens, metrics = train_ensemble(disks, _lite_config(disks), cfg)
     assert metrics["members"]["0-efficientnet_lite0"]["trainer"] == "feature bank"

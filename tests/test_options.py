@@ -104,6 +104,7 @@ def test_localization_checkpoint_selection(synth_dir):
     cfg = EnsembleConfig(list(ds.classes), ["tiny"], (64, 64), mask_classes=["lesion"])
     tcfg = TrainConfig(
         epochs=3, weights="none", select="localization", progress=False,
+        decoder_probe_rounds=0,
         decoder_self_seed_rounds=0,  # the classifier's checkpoint is under test
     )  # fmt: skip
     ensemble, metrics = train_ensemble(ds, cfg, tcfg)

@@ -261,7 +261,7 @@ def test_a_worse_self_seeded_decoder_is_discarded(disks, monkeypatch):
     monkeypatch.setattr(
         DecoderTargets, "reseeded", lambda self, maps: reseeded(self, [1 - m for m in maps])
     )
-    ensemble, metrics = _train(disks, decoder_self_seed_rounds=3)
+    ensemble, metrics = _train(disks, decoder_self_seed_rounds=3, decoder_probe_rounds=0)
     rnd = metrics["decoders"]["self_seed_round_1"]["0-tiny"]
     assert not rnd["kept"] and rnd["held_out_pxap"] < rnd["previous_held_out_pxap"] - 5
     # No member kept round 1: round 2 would seed from the same maps, so none runs.
@@ -293,7 +293,7 @@ def test_a_member_that_loses_a_round_is_settled(disks, monkeypatch):
     )
     tcfg = TrainConfig(
         epochs=4, lr=3e-3, weights="none", progress=False, decoder_epochs=2,
-        decoder_self_seed_rounds=3,
+        decoder_self_seed_rounds=3, decoder_probe_rounds=0,
     )  # fmt: skip
     _, metrics = train_ensemble(disks, cfg, tcfg)
     dec = metrics["decoders"]
@@ -324,3 +324,58 @@ def test_without_held_out_masks_the_unjudged_cap_shortens_the_decoder(disks, tmp
     # One pass over each image, and it is the epoch kept.
     rep = short["decoders"]["0-tiny"]
     assert rep["epochs"] == 1 and rep["selected_epoch"] == 1 and rep["select"] == "last"
+
+
+def test_probe_map_follows_the_features_where_the_soft_map_is_blurred():
+    """Two kinds of cells (features) laid out as a square on a background; the soft map is
+    that square blurred and shifted by 2 cells. The probe's probability follows the features:
+    its mask matches the square far better than the soft map's own does."""
+    from scipy import ndimage
+
+    from wsl_models.probe import probe_map
+
+    rng = np.random.default_rng(0)
+    truth = np.zeros((16, 16), bool)
+    truth[4:12, 4:12] = True
+    feats = np.where(truth, 1.0, -1.0)[None] * np.array([1.0, 0.5])[:, None, None]
+    feats = (feats + rng.normal(0, 0.3, (2, 16, 16))).astype(np.float32)
+    soft = ndimage.gaussian_filter(np.roll(truth, 2, axis=1).astype(np.float32), 2.0)
+    fitted = probe_map(feats, soft)
+    assert fitted.shape == (16, 16) and fitted.dtype == np.float32
+    iou = lambda m: (m & truth).sum() / (m | truth).sum()  # noqa: E731
+    assert iou(fitted > 0.5) > 0.9 > iou(soft > 0.5) + 0.2
+    # A map that says one side everywhere leaves nothing to tell apart: it comes back as is.
+    assert np.array_equal(probe_map(feats, np.zeros((16, 16))), np.zeros((16, 16)))
+
+
+def test_a_probe_round_reseeds_from_the_refined_maps_and_is_judged(disks, tmp_path, monkeypatch):
+    """A probe round seeds from the decoders' consensus re-fitted by the probe and is kept only
+    where the held-out masks score it at least as well; without held-out masks none runs."""
+    import wsl_models.decoder_training as dt
+
+    seen = []
+    real = dt.probe_seed_maps
+
+    def recorded(ensemble, images, plan, maps):
+        out = real(ensemble, images, plan, maps)
+        seen.append((maps, out, plan))
+        return out
+
+    monkeypatch.setattr(dt, "probe_seed_maps", recorded)
+    ensemble, metrics = _train(disks, decoder_probe_rounds=1, decoder_self_seed_rounds=0)
+    dec = metrics["decoders"]
+    rnd = dec["probe_round_1"]["0-tiny"]
+    assert rnd["kept"] == (rnd["held_out_pxap"] >= rnd["previous_held_out_pxap"])
+    assert dec["0-tiny"].get("probe_rounds", 0) == (1 if rnd["kept"] else 0)
+    ((before, refined, plan),) = seen
+    seeded = [i for i, c in enumerate(plan.cams) if c is not None]
+    assert seeded
+    others = [i for i in range(len(plan.cams)) if i not in seeded]  # unchanged
+    assert torch.equal(refined[0][others], before[0][others])
+    assert not torch.equal(refined[0][seeded], before[0][seeded])
+    assert 0 <= float(refined[0].min()) and float(refined[0].max()) <= 1
+    ds, cfg = _without_masks(disks, tmp_path)
+    tcfg = TrainConfig(epochs=2, weights="none", progress=False, decoder_epochs=2)
+    assert tcfg.decoder_probe_rounds > 0
+    _, metrics = train_ensemble(ds, cfg, tcfg)
+    assert not any("_round_" in k for k in metrics["decoders"]) and len(seen) == 1

@@ -23,7 +23,7 @@ from wsl_models.versions import ModelStore
 
 # Pseudo-masks, human masks and the min-max localizer are under test here, not the decoders'
 # self-seed rounds (tests/test_seeds.py): each round is a full decoder training.
-NO_ROUNDS = {"decoder_self_seed_rounds": 0}
+NO_ROUNDS = {"decoder_self_seed_rounds": 0, "decoder_probe_rounds": 0}
 
 
 def test_pseudo_target_keeps_confident_regions_and_ignores_the_band():

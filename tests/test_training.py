@@ -25,6 +25,7 @@ def trained(synth_dir):
     )
     tcfg = TrainConfig(
         epochs=25, lr=3e-3, batch_size=16, weights="none", progress=False,
+        decoder_probe_rounds=0,
         decoder_self_seed_rounds=0,  # the CAM pipeline under test; the rounds: test_seeds.py
     )  # fmt: skip
     ensemble, metrics = train_ensemble(ds, cfg, tcfg)

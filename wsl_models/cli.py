@@ -146,6 +146,13 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "consensus map instead of the CAMs (each kept where held-out masks agree)",
     )
     t.add_argument(
+        "--probe-rounds",
+        type=int,
+        default=TrainConfig.decoder_probe_rounds,
+        help="rounds before those whose seed maps are the decoders' consensus re-fitted per "
+        "image by a probe on its features (each kept where held-out masks agree)",
+    )
+    t.add_argument(
         "--select",
         default=TrainConfig.select,
         choices=CHECKPOINT_RULES,
@@ -228,6 +235,7 @@ def _train(args: argparse.Namespace) -> int:
         select=args.select,
         decoder_select=args.decoder_select,
         decoder_self_seed_rounds=args.self_seed_rounds,
+        decoder_probe_rounds=args.probe_rounds,
         train_masks=args.train_masks,
         mask_weight=args.mask_weight,
         seg_max_steps=args.seg_max_steps,

@@ -9,6 +9,9 @@ sees is an example of its side (each side's cells together weigh as much as half
 upsampled to the image, is the new mask, and each click's disk keeps its side. So a click
 teaches what that kind of tissue is everywhere in the image, not only around the click.
 
+``probe_map`` fits the same probe to a soft map instead of a mask and clicks: the decoders'
+seed maps re-fitted on each image's features (refined_seeds.py).
+
 Stateless, like Label Studio's prompts: every answer refits from the same starting mask and
 all clicks so far.
 """
@@ -59,6 +62,34 @@ def image_features(member: Member, image: Image.Image, input_size: tuple[int, in
     return click_features(member, to_tensor(image, scaled_size(input_size, FEATURE_SCALE))[None])
 
 
+def probe_map(
+    features: np.ndarray, soft: np.ndarray, prior_weight: float = PRIOR_WEIGHT
+) -> np.ndarray:
+    """``soft`` (H, W) in [0, 1] re-fitted by a probe on ``features`` (C, h, w): each cell is
+    an example of the foreground with weight ~ its mean of ``soft`` and of the background
+    with weight ~ 1 minus it (each side half of ``prior_weight``); the probe's probability
+    (h, w) float32. A map that is one side everywhere comes back as its cell means."""
+    channels, h, w = features.shape
+    cells = features.reshape(channels, -1).T
+    mean = cv2.resize(soft.astype(np.float32), (w, h), interpolation=cv2.INTER_AREA).ravel()
+    fg, bg = mean.sum(), (1 - mean).sum()
+    if fg <= 1e-6 or bg <= 1e-6:
+        return mean.reshape(h, w)
+    weights = np.concatenate([mean / fg, (1 - mean) / bg]) * prior_weight / 2
+    sides = np.concatenate([np.ones(len(mean), bool), np.zeros(len(mean), bool)])
+    return _fitted(cells, np.concatenate([cells, cells]), sides, weights).reshape(h, w)
+
+
+def _fitted(
+    cells: np.ndarray, examples: np.ndarray, sides: np.ndarray, weights: np.ndarray
+) -> np.ndarray:
+    """The foreground probability of ``cells`` (n, C) by a logistic regression fitted on the
+    weighted ``examples`` and their ``sides``; float32 (n,)."""
+    probe = LogisticRegression(C=10.0, max_iter=200)
+    probe.fit(examples, sides, sample_weight=weights)
+    return probe.predict_proba(cells)[:, 1].astype(np.float32)
+
+
 def probe_clicks(
     features: np.ndarray,
     mask: np.ndarray,
@@ -89,9 +120,8 @@ def probe_clicks(
             prior_weight / 2 / max(int((~shown_side).sum()), 1),
         )
         weights = np.concatenate([per_cell, np.ones(len(under))])
-        probe = LogisticRegression(C=10.0, max_iter=200)
-        probe.fit(np.concatenate([cells, cells[under]]), sides, sample_weight=weights)
-        prob = probe.predict_proba(cells)[:, 1].reshape(h, w).astype(np.float32)
+        examples = np.concatenate([cells, cells[under]])
+        prob = _fitted(cells, examples, sides, weights).reshape(h, w)
         out = cv2.resize(prob, (width, height), interpolation=cv2.INTER_LINEAR) > 0.5
     radius = click_radius((height, width))
     yy, xx = np.ogrid[:height, :width]

@@ -100,6 +100,10 @@ class TrainConfig:
     # human masks. 3 chosen on GlaS's held-out train images: decoder PxAP 71.2 (0), 72.6,
     # 74.9, 76.0 (3), 76.0 (4: no member kept its 4th round); LGG kept none (docs/weak-masks.md).
     decoder_self_seed_rounds: int = 3
+    # Rounds before those whose seeds are the decoders' consensus re-fitted per image by a
+    # feature probe (refined_seeds.py), judged and run like them. 1 chosen on GlaS's held-out
+    # train images (PxAP 78.2 against 76.1 after the 3 self-seed rounds; docs/weak-masks.md).
+    decoder_probe_rounds: int = 1
     # A job with clicks and no masks fine-tuning a version whose decoder already learned from
     # masks or clicks: train that decoder on CAM seeds again first (True, as before) or hand it
     # straight to the segmentation stage (False; training.keeps_segmenter).

@@ -1,9 +1,9 @@
 """Wall time of a default `camlabel train`, stage by stage, and the quality it reaches.
 
     python bench/train_time.py --data ../shared/data/glas --seeds 0,1 \\
-        --out bench/results/train_time/glas_now.json
+        --out bench/results/train_time/histology_now.json
     python bench/train_time.py --data ../shared/data/lgg --seeds 0,1 --mask-classes tumour \\
-        --out bench/results/train_time/lgg_now.json
+        --out bench/results/train_time/mri_now.json
 
 Each seed runs the `camlabel train` command's own code path (its argument defaults, then
 ``wsl_models.cli._train``) into a temporary model directory, with timers wrapped around the

@@ -10,7 +10,7 @@ protocol, 224x224 masks) at every grid value on the model's held-out train image
 chooses) and the test split (information only), images of the mask classes only:
 
     python bench/weak_threshold.py --model /tmp/models/lgg --data ../shared/data/lgg \
-        --json bench/results/decoder/weak_threshold_lgg.json
+        --json bench/results/decoder/weak_threshold_mri.json
 """
 
 from __future__ import annotations

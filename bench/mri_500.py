@@ -1,6 +1,6 @@
 """A ~500-image project from LGG for timing: its train slices plus whole test patients.
 
-    python bench/lgg_500.py --data ../shared/data/lgg --out /tmp/lgg500
+    python bench/mri_500.py --data ../shared/data/lgg --out /tmp/lgg500
 
 Writes OUT/labels.csv (LGG's layout) with the slices of test patients, in patient-id order,
 moved to train while the train split stays at or under --train (500); the remaining test

@@ -199,6 +199,7 @@ def retrain(args: argparse.Namespace) -> None:
             for k, v in report.items()
             if isinstance(v, dict) and "_round_" not in k
         },
+        "probe_gate": report.get("probe_gate"),
         "self_seed_kept": {
             k: {
                 m: [r["previous_held_out_pxap"], r["held_out_pxap"], r["kept"]]

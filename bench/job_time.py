@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import platform
 import statistics
@@ -59,7 +60,12 @@ def main() -> None:
     p.add_argument("--unlabelled", type=int, default=16)
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--out", default="bench/results/job_time.json")
+    p.add_argument(
+        "--set", nargs="*", default=[], metavar="FIELD=INT",
+        help="TrainConfig integer fields to change, e.g. decoder_unjudged_probe_rounds=0",
+    )  # fmt: skip
     args = p.parse_args()
+    changes = {k: int(v) for k, v in (item.split("=", 1) for item in args.set)}
     settings = Settings(device="auto")
     times: dict[str, list[float]] = {"without decoder": [], "with decoder": []}
     details = {}
@@ -71,6 +77,7 @@ def main() -> None:
             for name, decoder in (("without decoder", False), ("with decoder", True)):
                 train = TrainingSettings(decoder=decoder)
                 ens_cfg, cfg = job_configs(ds.classes, None, train, settings)
+                cfg = dataclasses.replace(cfg, **changes)
                 t0 = time.perf_counter()
                 _, metrics = train_ensemble(ds, ens_cfg, cfg)
                 times[name].append(time.perf_counter() - t0)
@@ -78,6 +85,8 @@ def main() -> None:
                     "human_masks": metrics["human_masks"],
                     "decoder_seconds": metrics.get("decoders", {}).get("seconds"),
                     "segmentation_seconds": metrics.get("segmentation", {}).get("seconds"),
+                    "probe_gate": metrics.get("decoders", {}).get("probe_gate"),
+                    "rounds": [k for k in metrics.get("decoders", {}) if "_round_" in k],
                 }
                 print(name, f"{times[name][-1]:.0f} s", flush=True)
     med = {k: statistics.median(v) for k, v in times.items()}
@@ -88,6 +97,7 @@ def main() -> None:
             "cuda": torch.cuda.is_available(),
             "torch": torch.__version__,
         },
+        "changes": changes,
         "annotations": {
             "labelled": args.labelled,
             "masks": args.masks,

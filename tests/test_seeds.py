@@ -8,6 +8,7 @@ from scipy import stats
 
 from wsl_models.cam import XGradCAM, normalize_maps
 from wsl_models.data import load_dataset
+from wsl_models.decoder_training import DecoderTargets
 from wsl_models.ensemble import Ensemble, EnsembleConfig
 from wsl_models.members import build_member
 from wsl_models.seeds import multiscale_cams, probability_seeds, seed_cams
@@ -348,9 +349,9 @@ def test_probe_map_follows_the_features_where_the_soft_map_is_blurred():
     assert np.array_equal(probe_map(feats, np.zeros((16, 16))), np.zeros((16, 16)))
 
 
-def test_a_probe_round_reseeds_from_the_refined_maps_and_is_judged(disks, tmp_path, monkeypatch):
+def test_a_probe_round_reseeds_from_the_refined_maps_and_is_judged(disks, monkeypatch):
     """A probe round seeds from the decoders' consensus re-fitted by the probe and is kept only
-    where the held-out masks score it at least as well; without held-out masks none runs."""
+    where the held-out masks score it at least as well."""
     import wsl_models.decoder_training as dt
 
     seen = []
@@ -374,8 +375,56 @@ def test_a_probe_round_reseeds_from_the_refined_maps_and_is_judged(disks, tmp_pa
     assert torch.equal(refined[0][others], before[0][others])
     assert not torch.equal(refined[0][seeded], before[0][seeded])
     assert 0 <= float(refined[0].min()) and float(refined[0].max()) <= 1
+    assert "probe_gate" not in dec  # judged: no gate
+
+
+def test_seed_cover_is_the_share_of_a_seeded_image_above_otsu():
+    big, small = torch.zeros(1, 8, 8), torch.zeros(1, 8, 8)
+    big[0, :, :4] = 1.0  # half the image
+    small[0, :2, :2] = 1.0  # a sixteenth
+    plan = DecoderTargets([big, None, small], [False, True, False], [None] * 3, [True] * 3)
+    assert plan.seed_cover((16, 16)) == pytest.approx((0.5 + 1 / 16) / 2)
+    assert DecoderTargets([None], [True], [None], [False]).seed_cover((8, 8)) is None
+
+
+def test_without_held_out_masks_probe_rounds_run_only_on_objects_the_probe_can_refit(
+    disks, tmp_path
+):
+    """No held-out masks judge a probe round, so the seed CAMs' cover gates the unjudged
+    rounds: below ``decoder_probe_min_cover`` none runs, above it each runs and is kept."""
     ds, cfg = _without_masks(disks, tmp_path)
-    tcfg = TrainConfig(epochs=2, weights="none", progress=False, decoder_epochs=2)
-    assert tcfg.decoder_probe_rounds > 0
-    _, metrics = train_ensemble(ds, cfg, tcfg)
-    assert not any("_round_" in k for k in metrics["decoders"]) and len(seen) == 1
+    values = dict(epochs=2, weights="none", progress=False, decoder_epochs=2)
+    values |= dict(decoder_self_seed_rounds=3, decoder_unjudged_probe_rounds=2)
+    _, closed = train_ensemble(ds, cfg, TrainConfig(**values, decoder_probe_min_cover=1.0))
+    gate = closed["decoders"]["probe_gate"]
+    assert not gate["open"] and 0 < gate["seed_cover"] < 1 and gate["min_cover"] == 1.0
+    assert not any("_round_" in k for k in closed["decoders"])  # self-seed rounds neither
+    _, opened = train_ensemble(ds, cfg, TrainConfig(**values, decoder_probe_min_cover=0.0))
+    dec = opened["decoders"]
+    assert dec["probe_gate"]["open"] and dec["probe_gate"]["seed_cover"] == gate["seed_cover"]
+    assert [k for k in dec if "_round_" in k] == ["probe_round_1", "probe_round_2"]
+    for r in (1, 2):  # unjudged: no score, always kept
+        rnd = dec[f"probe_round_{r}"]["0-tiny"]
+        assert rnd["kept"] and rnd["held_out_pxap"] is None
+    assert dec["0-tiny"]["probe_rounds"] == 2 and dec["0-tiny"]["select"] == "last"
+    # The defaults open the gate only for objects above 0.15 of the image.
+    assert TrainConfig().decoder_probe_min_cover == 0.15
+
+
+def test_one_or_two_held_out_masks_choose_the_epoch_but_judge_no_round(disks):
+    """Below three held-out masks a round's score is one image's: the rounds then run as
+    without masks (gated probe rounds, all kept, no self-seed round)."""
+    _, metrics = _train(
+        disks,
+        calibration_images=2,
+        decoder_self_seed_rounds=3,
+        decoder_unjudged_probe_rounds=1,
+        decoder_probe_min_cover=0.0,
+    )
+    dec = metrics["decoders"]
+    assert 1 <= len(dec["held_out_images"]) <= 2
+    assert dec["probe_gate"]["open"]
+    assert [k for k in dec if "_round_" in k] == ["probe_round_1"]
+    rnd = dec["probe_round_1"]["0-tiny"]
+    assert rnd["kept"] and rnd["held_out_pxap"] is None
+    assert rnd["previous_held_out_pxap"] is not None  # the first stage was still chosen by them

@@ -153,6 +153,20 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "image by a probe on its features (each kept where held-out masks agree)",
     )
     t.add_argument(
+        "--unjudged-probe-rounds",
+        type=int,
+        default=TrainConfig.decoder_unjudged_probe_rounds,
+        help="probe rounds without held-out masks, all kept; they run only where the seed CAMs "
+        "cover at least --probe-min-cover of an image (large objects, not small findings)",
+    )
+    t.add_argument(
+        "--probe-min-cover",
+        type=float,
+        default=TrainConfig.decoder_probe_min_cover,
+        help="the least share of a seeded image the seed CAMs' consensus must cover for "
+        "unjudged probe rounds to run",
+    )
+    t.add_argument(
         "--select",
         default=TrainConfig.select,
         choices=CHECKPOINT_RULES,
@@ -236,6 +250,8 @@ def _train(args: argparse.Namespace) -> int:
         decoder_select=args.decoder_select,
         decoder_self_seed_rounds=args.self_seed_rounds,
         decoder_probe_rounds=args.probe_rounds,
+        decoder_unjudged_probe_rounds=args.unjudged_probe_rounds,
+        decoder_probe_min_cover=args.probe_min_cover,
         train_masks=args.train_masks,
         mask_weight=args.mask_weight,
         seg_max_steps=args.seg_max_steps,

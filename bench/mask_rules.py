@@ -18,7 +18,6 @@ train images (what chooses) and the test split (information only), mask-class im
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -26,7 +25,7 @@ import cv2
 import numpy as np
 import torch
 from sklearn.linear_model import LogisticRegression
-from weak_threshold import SURVEY, model_splits
+from weak_threshold import SURVEY, model_args, model_splits
 
 from wsl_models.data import ImageDataset, load_masks
 from wsl_models.images import open_image
@@ -97,11 +96,7 @@ def scores(masks: dict[str, list]) -> dict[str, list[float]]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", required=True)
-    p.add_argument("--data", default="../shared/data/glas")
-    p.add_argument("--json", default=None)
-    args = p.parse_args()
+    args = model_args(__doc__)
     store = ModelStore(args.model)
     ensemble = store.load()
     t = float(ensemble.config.decoder_threshold)

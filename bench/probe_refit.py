@@ -13,14 +13,13 @@ only: what the gate was chosen on.
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
 import numpy as np
 import torch
 from sklearn.metrics import average_precision_score
-from weak_threshold import model_splits
+from weak_threshold import model_args, model_splits
 
 from wsl_models.data import load_masks
 from wsl_models.decoder_training import cache_taps, decoder_probs, plan_targets, probe_seed_maps
@@ -30,11 +29,7 @@ from wsl_models.versions import ModelStore
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", required=True)
-    p.add_argument("--data", default="../shared/data/glas")
-    p.add_argument("--json", default=None)
-    args = p.parse_args()
+    args = model_args(__doc__)
     store = ModelStore(args.model)
     ensemble = store.load()
     train, _, _ = model_splits(store, ensemble, args.data)

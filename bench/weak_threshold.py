@@ -55,17 +55,22 @@ def model_splits(store: ModelStore, ensemble, data: str) -> tuple[list, list, li
     return train, held_s, [s for s in scored if s.split.startswith("test")]
 
 
+def model_args(doc: str) -> argparse.Namespace:
+    """The command line the scripts on a saved model share: --model, --data, --json."""
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    p.add_argument("--model", required=True)
+    p.add_argument("--data", default="../shared/data/glas")
+    p.add_argument("--json", default=None)
+    return p.parse_args()
+
+
 def dice(maps: list[np.ndarray], truths: list[np.ndarray], t: float) -> list[float]:
     rows = [segmentation_scores(m > t, y) for m, y in zip(maps, truths, strict=True)]
     return [round(100 * float(np.mean([r[k] for r in rows])), 1) for k in ("dice_fg", "dice_bg")]
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", required=True)
-    p.add_argument("--data", default="../shared/data/glas")
-    p.add_argument("--json", default=None)
-    args = p.parse_args()
+    args = model_args(__doc__)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     store = ModelStore(args.model)
     ensemble = store.load()

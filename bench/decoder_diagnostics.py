@@ -28,6 +28,7 @@ row to a results file.
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import time
@@ -35,19 +36,20 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from weak_threshold import consensus_maps, dice
+from weak_threshold import consensus_maps, dice, recorded_seed_area
 
 from wsl_models import decoder_training
 from wsl_models.calibration import (
     calibration_samples,
-    cam_area_threshold,
     choose_map_source,
     mask_thresholds,
+    weak_decoder_threshold,
 )
 from wsl_models.cam import cam_method, normalize_maps, resize_maps
 from wsl_models.data import ImageDataset, load_dataset, load_masks, stratified_holdout
 from wsl_models.decoder import FPNDecoder
 from wsl_models.decoder_training import plan_targets, train_decoders
+from wsl_models.ensemble import EnsembleConfig
 from wsl_models.evaluation import evaluate
 from wsl_models.masks import resize_mask
 from wsl_models.metrics import pxap
@@ -167,12 +169,13 @@ def retrain(args: argparse.Namespace) -> None:
     report = train_decoders(ens, train_s, [None] * len(train_s), cfg, torch.device("cpu"), judges)
     seconds = time.perf_counter() - t0
     conf = ens.config
-    stored = {k: getattr(conf, k) for k in THRESHOLDS} if args.unjudged else {}
     held_pxap = mask_thresholds(ens, calib, cfg.seed)["pxap"] if calib else {}
-    if args.unjudged:  # a new project: no held-out masks calibrate, the CAMs' area does
-        for k, v in stored.items():  # mask_thresholds set them from the held-out masks
-            setattr(conf, k, v)
-        values["unjudged"] = cam_area_threshold(ens, train_s, cfg.seed)
+    if args.unjudged:  # a new project: no masks ever calibrated a threshold
+        fresh = EnsembleConfig(classes=conf.classes, members=conf.members)
+        for k in THRESHOLDS:  # mask_thresholds set them from the held-out masks, as had training
+            setattr(conf, k, copy.deepcopy(getattr(fresh, k)))
+        mass = report.get("seed_area", {}).get("mass")
+        values["unjudged"] = weak_decoder_threshold(ens, train_s, cfg.seed, mass)
         values["held_out_dice_fg_bg"] = dice(*consensus_maps(ens, calib), conf.decoder_threshold)
     if args.judges >= 0 and not args.unjudged:
         # As training calibrates: thresholds and the map source from the K judges only; the
@@ -195,11 +198,10 @@ def retrain(args: argparse.Namespace) -> None:
             round(r["by_source"]["decoder"]["intersection"][k], 1) for k in ("dice_fg", "dice_bg")
         ],  # fmt: skip
         "selected_epochs": {
-            k: v.get("selected_epoch")
-            for k, v in report.items()
-            if isinstance(v, dict) and "_round_" not in k
+            k: v.get("selected_epoch") for k, v in report.items() if k in ens.config.member_keys
         },
         "probe_gate": report.get("probe_gate"),
+        "seed_area": report.get("seed_area"),
         "self_seed_kept": {
             k: {
                 m: [r["previous_held_out_pxap"], r["held_out_pxap"], r["kept"]]
@@ -221,9 +223,9 @@ def retrain(args: argparse.Namespace) -> None:
 def score(args: argparse.Namespace) -> None:
     """Saved models (``retrain --save``), comma-separated, scored on the same held-out images:
     the calibration images from ``--scored-from`` on. Decoder consensus PxAP, and Dice fg / bg
-    at each model's own threshold and at the CAM-area one (``cam_area_threshold``, what a weak
-    decoder gets with fewer than ``MIN_DECODER_CALIBRATION`` held-out masks), there and on the
-    test split (survey size)."""
+    at each model's own threshold and at the weak one (``weak_decoder_threshold`` with the seed
+    mass its retraining recorded, what a weak decoder gets with fewer than
+    ``MIN_DECODER_CALIBRATION`` held-out masks), there and on the test split (survey size)."""
     ds = load_dataset(args.data)
     base = TrainConfig()
     train_s, held = stratified_holdout(ds.split("train"), base.val_fraction, base.seed)
@@ -233,14 +235,15 @@ def score(args: argparse.Namespace) -> None:
     for model in args.model.split(","):
         ens = ModelStore(model).load()
         t = ens.config.decoder_threshold
-        area = cam_area_threshold(ens, train_s, base.seed)["threshold"]  # sets it: t kept above
-        row = {"model": model, "threshold": t, "cam_area_threshold": area}
+        mass = recorded_seed_area(ModelStore(model))
+        weak = weak_decoder_threshold(ens, train_s, base.seed, mass)["threshold"]  # sets it
+        row = {"model": model, "threshold": t, "weak_threshold": weak}
         for name, samples in (("held_out", scored), ("test", test)):
             maps, truths = consensus_maps(ens, samples)
             row[name] = {
                 "pxap": round(pxap(maps, truths), 1),
                 "dice_fg_bg": dice(maps, truths, t),
-                "dice_fg_bg_cam_area": dice(maps, truths, area),
+                "dice_fg_bg_weak": dice(maps, truths, weak),
             }
         row["held_out"]["images"] = [s.name for s in scored]
         rows.append(row)
@@ -307,7 +310,8 @@ def main() -> None:
         "--unjudged",
         action="store_true",
         help="retrain as a new project would: no held-out masks choose or calibrate (they "
-        "only score); the decoder's threshold from the CAMs' area (cam_area_threshold)",
+        "only score), the CAMs keep Otsu, the decoder's threshold matches its last seed maps' "
+        "mass (weak_decoder_threshold)",
     )
     p.add_argument(
         "--judges",

@@ -4,8 +4,9 @@
         --json bench/results/decoder/weak_threshold.json
 
 The model keeps the threshold its held-out masks calibrated; this asks what a project without
-such masks would get: 0.5, or ``cam_area_threshold`` (the value whose consensus masks cover as
-much of the training images as the CAMs' masks do), and prints decoder Dice fg / bg (survey
+such masks would get: 0.5, or ``weak_decoder_threshold`` (the value whose consensus masks cover
+as much of the training images as the mass of the seed maps the decoders last learned from,
+where the model recorded it, else the CAMs' masks), and prints decoder Dice fg / bg (survey
 protocol, 224x224 masks) at every grid value on the model's held-out train images (what
 chooses) and the test split (information only), images of the mask classes only:
 
@@ -22,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from wsl_models.calibration import AREA_GRID, cam_area_threshold
+from wsl_models.calibration import AREA_GRID, weak_decoder_threshold
 from wsl_models.data import ImageDataset, load_dataset, load_masks
 from wsl_models.masks import resize_mask
 from wsl_models.metrics import segmentation_scores
@@ -55,6 +56,17 @@ def model_splits(store: ModelStore, ensemble, data: str) -> tuple[list, list, li
     return train, held_s, [s for s in scored if s.split.startswith("test")]
 
 
+def recorded_seed_area(store: ModelStore) -> float | None:
+    """The mass of the seed maps a saved model's decoders last learned from, as its training
+    (or ``decoder_diagnostics.py retrain --save``) recorded it; None for a model from before."""
+    metrics = store.manifest(store.current_id())["metrics"]
+    for report in (metrics.get("retrain"), metrics.get("decoders")):
+        mass = ((report or {}).get("seed_area") or {}).get("mass")
+        if mass is not None:
+            return mass
+    return None
+
+
 def model_args(doc: str) -> argparse.Namespace:
     """The command line the scripts on a saved model share: --model, --data, --json."""
     p = argparse.ArgumentParser(description=doc.splitlines()[0])
@@ -76,7 +88,7 @@ def main() -> None:
     ensemble = store.load()
     calibrated = ensemble.config.decoder_threshold
     train, held_s, test = model_splits(store, ensemble, args.data)
-    rule = cam_area_threshold(ensemble, train, seed=0)
+    rule = weak_decoder_threshold(ensemble, train, 0, recorded_seed_area(store))
     scored = {
         name: consensus_maps(ensemble, s) for name, s in (("held_out", held_s), ("test", test))
     }

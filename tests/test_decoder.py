@@ -147,10 +147,11 @@ def test_decoder_masks_follow_synthetic_disks_from_image_labels_only(disks, weak
     assert ensemble.predict(x).decoder_maps[0].shape == (1, 1, SIZE // 2, SIZE // 2)
 
 
-def test_without_held_out_masks_the_decoder_threshold_matches_the_cams_mask_area(disks, weak):
+def test_without_held_out_masks_the_decoder_threshold_matches_its_seeds_area(disks, weak):
     """No pixel-labelled held-out images: the weak decoder's threshold is the lowest grid
-    value whose masks cover no more of the training images than the CAMs' masks do, and they
-    still find the disks; normal images still get no mask."""
+    value whose masks cover no more of the training images than its last seeds did (without
+    that cover, than the CAMs' masks do), and they still find the disks; normal images still
+    get no mask."""
     import copy
 
     from wsl_models.calibration import AREA_GRID, calibrate
@@ -176,15 +177,22 @@ def test_without_held_out_masks_the_decoder_threshold_matches_the_cams_mask_area
         maps.append(ensemble.masks(out, i, cfg.image_size, label, "decoder").intersection_map)
     areas = {t: np.mean([(m > t).mean() for m in maps]) for t in AREA_GRID}
     below = [t for t in AREA_GRID if areas[t] <= np.mean(cams)]  # no bigger than the CAMs'
-    assert found["threshold"] == below[0] and found["decoder_area"] <= found["cam_area"]
+    assert found["threshold"] == below[0] and found["decoder_area"] <= found["target_area"]
     assert all(areas[t] > np.mean(cams) for t in AREA_GRID if t < below[0])
-    assert found["cam_area"] == pytest.approx(np.mean(cams), abs=1e-6)
+    assert found["target_area"] == pytest.approx(np.mean(cams), abs=1e-6)
     assert np.mean(_ious(ensemble, disks, "decoder")) >= 0.6
     normal = [s for s in disks.split("test") if s.label == "normal"]
     xn = torch.stack([to_tensor(open_image(s.image), cfg.image_size) for s in normal])
     out = ensemble.predict(xn, seed=0)
     shown = [ensemble.masks(out, i, (SIZE, SIZE), source="decoder").mask for i in range(len(xn))]
     assert all(m is None or not m.any() for m in shown)
+    # Given the mass of the decoders' last seed maps, that is the area matched instead.
+    mass = float(np.mean([areas[t] for t in AREA_GRID[8:10]]))  # between 0.45's and 0.5's
+    seeded = calibrate(ensemble, empty, [], 0, 0.9, weak_decoder_images=train, seed_area=mass)
+    found = seeded["decoder_threshold"]
+    assert found["rule"] == "seed_area" and found["target_area"] == mass
+    assert found["threshold"] == next(t for t in AREA_GRID if areas[t] <= mass)
+    assert cfg.decoder_threshold == found["threshold"]
     # No training image of a mask class: nothing to match, nothing set.
     assert calibrate(ensemble, empty, [], 0, 0.9, weak_decoder_images=normal) == {}
 
@@ -195,7 +203,7 @@ def test_one_or_two_held_out_masks_do_not_set_the_weak_decoders_threshold(disks,
     CAMs' thresholds and the map source still come from the masks); from it on, they set it."""
     import copy
 
-    from wsl_models.calibration import MIN_DECODER_CALIBRATION, calibrate, cam_area_threshold
+    from wsl_models.calibration import MIN_DECODER_CALIBRATION, calibrate, weak_decoder_threshold
     from wsl_models.data import ImageDataset
 
     ensemble = copy.deepcopy(weak[0])
@@ -210,7 +218,7 @@ def test_one_or_two_held_out_masks_do_not_set_the_weak_decoders_threshold(disks,
         fitted = report["calibration"]["thresholds"]
         assert cfg.intersection_threshold == fitted["cam"]["_min"]  # the masks set the CAMs'
         if n < MIN_DECODER_CALIBRATION:  # the CAMs' masks (at their new thresholds)' area
-            area = cam_area_threshold(copy.deepcopy(ensemble), train, 0)
+            area = weak_decoder_threshold(copy.deepcopy(ensemble), train, 0)
             assert report["decoder_threshold"]["held_out_masks"] == n
             assert (
                 cfg.decoder_threshold

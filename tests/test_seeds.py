@@ -378,20 +378,37 @@ def test_a_probe_round_reseeds_from_the_refined_maps_and_is_judged(disks, monkey
     assert "probe_gate" not in dec  # judged: no gate
 
 
-def test_seed_cover_is_the_share_of_a_seeded_image_above_otsu():
+def test_seed_cover_is_the_share_of_a_seeded_image_above_otsu_and_its_mass_the_mean():
     big, small = torch.zeros(1, 8, 8), torch.zeros(1, 8, 8)
     big[0, :, :4] = 1.0  # half the image
     small[0, :2, :2] = 1.0  # a sixteenth
     plan = DecoderTargets([big, None, small], [False, True, False], [None] * 3, [True] * 3)
     assert plan.seed_cover((16, 16)) == pytest.approx((0.5 + 1 / 16) / 2)
     assert DecoderTargets([None], [True], [None], [False]).seed_cover((8, 8)) is None
+    # Soft: the maps' mean; the ramp's is a half.
+    ramp = torch.linspace(0, 1, 8).repeat(8, 1)[None]
+    plan = DecoderTargets([big, ramp, None], [False] * 3, [None] * 3, [True] * 3)
+    assert plan.seed_mass((8, 8)) == pytest.approx((0.5 + 0.5) / 2)
+    assert DecoderTargets([None], [True], [None], [False]).seed_mass((8, 8)) is None
 
 
 def test_without_held_out_masks_probe_rounds_run_only_on_objects_the_probe_can_refit(
-    disks, tmp_path
+    disks, tmp_path, monkeypatch
 ):
     """No held-out masks judge a probe round, so the seed CAMs' cover gates the unjudged
-    rounds: below ``decoder_probe_min_cover`` none runs, above it each runs and is kept."""
+    rounds: below ``decoder_probe_min_cover`` none runs, above it each runs and is kept. The
+    decoder's threshold then matches the mass of the seed maps it last learned from: the seed
+    CAMs', or the last round's probe maps'."""
+    import wsl_models.decoder_training as dt
+
+    refits = []
+    real = dt.probe_seed_maps
+
+    def recorded(ensemble, images, plan, maps):
+        refits.append((real(ensemble, images, plan, maps), plan, images))
+        return refits[-1][0]
+
+    monkeypatch.setattr(dt, "probe_seed_maps", recorded)
     ds, cfg = _without_masks(disks, tmp_path)
     values = dict(epochs=2, weights="none", progress=False, decoder_epochs=2)
     values |= dict(decoder_self_seed_rounds=3, decoder_unjudged_probe_rounds=2)
@@ -399,6 +416,12 @@ def test_without_held_out_masks_probe_rounds_run_only_on_objects_the_probe_can_r
     gate = closed["decoders"]["probe_gate"]
     assert not gate["open"] and 0 < gate["seed_cover"] < 1 and gate["min_cover"] == 1.0
     assert not any("_round_" in k for k in closed["decoders"])  # self-seed rounds neither
+    area = closed["decoders"]["seed_area"]
+    assert area["cover"] == gate["seed_cover"] and area["seeds"] == "cam"
+    assert 0 < area["mass"] < 1
+    weak = closed["decoder_threshold"]
+    assert weak["rule"] == "seed_area" and weak["target_area"] == area["mass"]
+    assert weak["decoder_area"] <= weak["target_area"] or weak["threshold"] == 0.95
     _, opened = train_ensemble(ds, cfg, TrainConfig(**values, decoder_probe_min_cover=0.0))
     dec = opened["decoders"]
     assert dec["probe_gate"]["open"] and dec["probe_gate"]["seed_cover"] == gate["seed_cover"]
@@ -407,6 +430,11 @@ def test_without_held_out_masks_probe_rounds_run_only_on_objects_the_probe_can_r
         rnd = dec[f"probe_round_{r}"]["0-tiny"]
         assert rnd["kept"] and rnd["held_out_pxap"] is None
     assert dec["0-tiny"]["probe_rounds"] == 2 and dec["0-tiny"]["select"] == "last"
+    refined, plan, images = refits[-1]  # the second round's seeds
+    last, grid = plan.reseeded(refined), dt.cover_grid(images)
+    cover, mass = round(last.seed_cover(grid), 4), round(last.seed_mass(grid), 4)
+    assert dec["seed_area"] == {"cover": cover, "mass": mass, "seeds": "probe_round_2"}
+    assert opened["decoder_threshold"]["target_area"] == dec["seed_area"]["mass"]
     # The defaults open the gate only for objects above 0.15 of the image.
     assert TrainConfig().decoder_probe_min_cover == 0.15
 

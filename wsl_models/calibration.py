@@ -3,9 +3,9 @@
 The few pixel-labelled held-out images (the Survey's ``valpx``) choose each threshold by pooled
 mIoU. Without them CAMs keep Otsu, and a decoder trained from CAM seeds alone (also with fewer
 than three of them, ``MIN_DECODER_CALIBRATION``) gets the threshold at which its masks cover
-as much of the training images as the CAMs' masks do (``cam_area_threshold``): its
-probabilities follow how often the seeds hit a pixel, not the object, and 0.5 leaves most of
-it out.
+as much of the training images as the seeds it last learned from (``weak_decoder_threshold``):
+its probabilities follow how often the seeds hit a pixel, not the object, and 0.5 leaves most
+of it out on large objects and spreads small ones.
 """
 
 from __future__ import annotations
@@ -127,15 +127,23 @@ MIN_DECODER_CALIBRATION = 3
 AREA_GRID = tuple(round(0.05 * k, 2) for k in range(1, 20))  # 0.05 ... 0.95
 
 
-def cam_area_threshold(
-    ensemble: Ensemble, samples: list[Sample], seed: int, limit: int = 48
+def weak_decoder_threshold(
+    ensemble: Ensemble,
+    samples: list[Sample],
+    seed: int,
+    seed_area: float | None = None,
+    limit: int = 48,
 ) -> dict[str, Any] | None:
     """The weak decoder's threshold without pixel-labelled images: the lowest grid value
     whose consensus masks cover, on average over up to ``limit`` labelled training images of
-    mask classes, no more of the image than the CAMs' consensus masks do. None without such
-    images. (GlaS, Lite trio, held-out train images: 0.20, decoder Dice fg / bg 68.4 / 57.4,
-    against 32.5 / 64.2 at 0.5 and 67.8 / 58.3 at the 0.21 their masks calibrate;
-    ``bench/weak_threshold.py``.)"""
+    mask classes, no more of the image than ``seed_area`` (the mean of the seed maps the
+    decoders last learned from, ``train_decoders``' ``seed_area["mass"]``) or, without it, the
+    CAMs' consensus masks. None without such images.
+
+    A decoder's probabilities follow how often the seeds hit a pixel, so 0.5 suits no object
+    size; cut where its masks are as big as its seed maps' mass, it keeps their size. The
+    CAMs' masks are no size to match in a new project: nothing calibrated their thresholds
+    (GlaS / LGG new projects, held-out train Dice fg / bg, docs/weak-masks.md)."""
     conf = ensemble.config
     wanted = set(conf.mask_classes or conf.classes)
     chosen = [s for s in samples if s.label in wanted][:limit]
@@ -149,22 +157,21 @@ def cam_area_threshold(
         out = ensemble.predict(torch.stack([ds[i][0] for i in idx]), seed=seed, samples=0)
         for j, i in enumerate(idx):
             cam = ensemble.masks(out, j, size, label=ds.labels[i], source="cam").mask
-            if cam is None:  # too few members agree: no mask to match
+            if cam is None:  # too few members agree: no seeds, no mask to match
                 continue
             decoded = ensemble.masks(out, j, size, label=ds.labels[i], source="decoder")
             decoder_maps.append(decoded.intersection_map)
             cam_areas.append(float(cam.mean()))
     if not cam_areas:
         return None
-    target = float(np.mean(cam_areas))
+    target = float(np.mean(cam_areas)) if seed_area is None else float(seed_area)
     areas = {t: float(np.mean([(m > t).mean() for m in decoder_maps])) for t in AREA_GRID}
-    # The lowest value whose masks cover no more than the CAMs' do (the CAMs' blobs overreach).
     threshold = next((t for t in AREA_GRID if areas[t] <= target), AREA_GRID[-1])
     conf.decoder_threshold = threshold
     return {
-        "rule": "cam_area",
+        "rule": "cam_area" if seed_area is None else "seed_area",
         "threshold": threshold,
-        "cam_area": target,
+        "target_area": target,
         "decoder_area": areas[threshold],
         "images": len(cam_areas),
     }
@@ -178,13 +185,15 @@ def calibrate(
     quantile: float,
     map_source: bool = False,
     weak_decoder_images: list[Sample] | None = None,
+    seed_area: float | None = None,
 ) -> dict[str, Any]:
     """Set review and mask thresholds from held-out data and, with ``map_source``, choose
     between the decoder and the CAM (``choose_map_source``); returns what was measured.
     ``weak_decoder_images``: training images to set a decoder's threshold from when no
-    pixel-labelled held-out images exist (``cam_area_threshold``); only for a decoder that
-    learned from CAM seeds alone (one trained on human masks keeps 0.5); also where fewer than
-    ``MIN_DECODER_CALIBRATION`` held-out masks exist (they still set the other thresholds)."""
+    pixel-labelled held-out images exist (``weak_decoder_threshold``, matching ``seed_area``);
+    only for a decoder that learned from CAM seeds alone (one trained on human masks keeps
+    0.5); also where fewer than ``MIN_DECODER_CALIBRATION`` held-out masks exist (they still
+    set the other thresholds)."""
     report: dict[str, Any] = {}
     if len(val_ds):
         report.update(review_threshold(ensemble, val_ds, seed, quantile))
@@ -195,7 +204,7 @@ def calibrate(
     # Fewer than MIN_DECODER_CALIBRATION masks still choose the map source (and, in training,
     # the decoder's epoch), but a threshold fitted to one or two images goes to extremes.
     if len(calib) < MIN_DECODER_CALIBRATION and weak_decoder_images and ensemble.config.decoder:
-        found = cam_area_threshold(ensemble, weak_decoder_images, seed)
+        found = weak_decoder_threshold(ensemble, weak_decoder_images, seed, seed_area)
         if found is not None:
             report["decoder_threshold"] = {**found, "held_out_masks": len(calib)}
     return report

@@ -151,6 +151,12 @@ class DecoderTargets:
             return None
         return float(np.mean([(m > otsu_threshold(m)).mean() for m in fg[seeded]]))
 
+    def seed_mass(self, grid: tuple[int, int]) -> float | None:
+        """The mean of the seeded images' consensus (min) maps: the area the foreground seeds'
+        distribution covers, soft; None without seeded images."""
+        fg, _, seeded = self.seed_maps(grid)
+        return float(fg[seeded].mean()) if seeded.any() else None
+
     def seed_regions(
         self, grid: tuple[int, int], cfg: TrainConfig
     ) -> list[tuple[np.ndarray, np.ndarray] | None]:
@@ -582,6 +588,10 @@ def train_decoders(
     # scored higher on one image lost to the unjudged rounds on six others (GlaS PxAP 73.3 and
     # 73.8 with 1 and 2 such masks against 74.4 with none; docs/weak-masks.md).
     judge = held if held is not None and len(held.truths) >= MIN_DECODER_CALIBRATION else None
+    # What the seeds the decoders last learned from cover: a weak decoder's masks are cut to
+    # their mass when no held-out masks calibrate them (calibration.weak_decoder_threshold).
+    at = cover_grid(images)
+    report["seed_area"] = seed_area(plan, at, "cam")
     probes = probe_rounds(plan, images, cfg, judge, report)
     for r in range(probes):
         refined = probe_seed_maps(ensemble, images, plan, maps)
@@ -591,6 +601,8 @@ def train_decoders(
         )  # fmt: skip
         report[f"probe_round_{r + 1}"] = done
         maps = [refined[k] if done[keys[k]]["kept"] else maps[k] for k in range(len(maps))]
+        if any(d["kept"] for d in done.values()):
+            report["seed_area"] = seed_area(plan.reseeded(refined), at, f"probe_round_{r + 1}")
     # Self-seed rounds only on the weak path (with human masks the segmenter, mask_training.py,
     # takes over) and where three or more held-out masks judge each round: without them a
     # round is as likely to lose as to gain (GlaS held-out PxAP 64.5 / 64.7 after 1 / 2 rounds
@@ -612,6 +624,25 @@ def train_decoders(
     return report
 
 
+def cover_grid(images: torch.Tensor) -> tuple[int, int]:
+    """Where seed covers are measured: the Lite decoders' finest grid, a quarter of the input
+    (the probe gate's 0.15 was set on it)."""
+    return images.shape[-2] // 4, images.shape[-1] // 4
+
+
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 4)
+
+
+def seed_area(plan: DecoderTargets, grid: tuple[int, int], seeds: str) -> dict[str, Any]:
+    """What the seeds of ``plan`` cover, hard (Otsu) and soft, and where they came from."""
+    return {
+        "cover": _rounded(plan.seed_cover(grid)),
+        "mass": _rounded(plan.seed_mass(grid)),
+        "seeds": seeds,
+    }
+
+
 def probe_rounds(
     plan: DecoderTargets,
     images: torch.Tensor,
@@ -630,11 +661,10 @@ def probe_rounds(
         return 0
     if held is not None:
         return cfg.decoder_probe_rounds
-    grid = (images.shape[-2] // 4, images.shape[-1] // 4)  # the Lite decoders' finest grid
-    cover = plan.seed_cover(grid)
+    cover = plan.seed_cover(cover_grid(images))
     opened = cover is not None and cover >= cfg.decoder_probe_min_cover
     report["probe_gate"] = {
-        "seed_cover": None if cover is None else round(cover, 4),
+        "seed_cover": _rounded(cover),
         "min_cover": cfg.decoder_probe_min_cover,
         "open": opened,
     }

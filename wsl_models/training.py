@@ -573,7 +573,7 @@ def train_ensemble(
             ensemble, train_s, has_mask, cfg, device, calib, has_points
         )
     # A decoder that learned from CAM seeds alone, with no held-out masks to calibrate on,
-    # gets its threshold from the CAMs' mask area on the training images.
+    # gets its threshold from the area its last seeds covered on the training images.
     weak_only = ens_cfg.decoder and not segmented(ensemble) and all(h is None for h in human)
     measured = (
         calibrate(
@@ -584,6 +584,7 @@ def train_ensemble(
             cfg.review_quantile,
             cfg.choose_map_source,
             weak_decoder_images=train_s if weak_only else None,
+            seed_area=decoders.get("seed_area", {}).get("mass"),
         )
         if distributed.is_main()
         else {}

@@ -40,7 +40,6 @@ from weak_threshold import consensus_maps, dice, recorded_seed_area
 
 from wsl_models import decoder_training
 from wsl_models.calibration import (
-    MIN_DECODER_CALIBRATION,
     calibration_samples,
     choose_map_source,
     mask_thresholds,
@@ -184,9 +183,6 @@ def retrain(args: argparse.Namespace) -> None:
         found = mask_thresholds(ens, list(judges), cfg.seed) if judges else {}
         if found:
             values["map_source"] = choose_map_source(ens, found["pxap"])
-        if len(judges) < MIN_DECODER_CALIBRATION:  # too few to set the decoder's threshold
-            mass = None if judges else report.get("seed_area", {}).get("mass")
-            values["weak"] = weak_decoder_threshold(ens, train_s, cfg.seed, mass)
         values["judges"] = [s.name for s in judges]
         values["held_out_dice_fg_bg"] = dice(*consensus_maps(ens, calib), conf.decoder_threshold)
     r = evaluate(ens, ds, "test", progress=False, protocol="survey", sources=["decoder", "cam"])
@@ -227,10 +223,9 @@ def retrain(args: argparse.Namespace) -> None:
 def score(args: argparse.Namespace) -> None:
     """Saved models (``retrain --save``), comma-separated, scored on the same held-out images:
     the calibration images from ``--scored-from`` on. Decoder consensus PxAP, and Dice fg / bg
-    at each model's own threshold and at the weak one (``weak_decoder_threshold``: with no
-    judges the seed mass its retraining recorded, with one or two the CAMs' area; what a weak
-    decoder gets with fewer than ``MIN_DECODER_CALIBRATION`` held-out masks), there and on the
-    test split (survey size)."""
+    at each model's own threshold and at the weak one (``weak_decoder_threshold`` with the seed
+    mass its retraining recorded, what a weak decoder gets with fewer than
+    ``MIN_DECODER_CALIBRATION`` held-out masks), there and on the test split (survey size)."""
     ds = load_dataset(args.data)
     base = TrainConfig()
     train_s, held = stratified_holdout(ds.split("train"), base.val_fraction, base.seed)
@@ -240,11 +235,7 @@ def score(args: argparse.Namespace) -> None:
     for model in args.model.split(","):
         ens = ModelStore(model).load()
         t = ens.config.decoder_threshold
-        store = ModelStore(model)
-        judged = store.manifest(store.current_id())["metrics"].get("retrain", {})
-        # As training calibrates: with one or two held-out masks the CAMs' area is matched.
-        judged = judged.get("settings", {}).get("judges")
-        mass = None if judged else recorded_seed_area(store)
+        mass = recorded_seed_area(ModelStore(model))
         weak = weak_decoder_threshold(ens, train_s, base.seed, mass)["threshold"]  # sets it
         row = {"model": model, "threshold": t, "weak_threshold": weak}
         for name, samples in (("held_out", scored), ("test", test)):

@@ -1,12 +1,11 @@
 """Operating points from held-out data: the review threshold and every map source's mask threshold.
 
 The few pixel-labelled held-out images (the Survey's ``valpx``) choose each threshold by pooled
-mIoU. Without them CAMs keep Otsu, and a decoder trained from CAM seeds alone gets the
-threshold at which its masks cover as much of the training images as the mean of the seed maps
-it last learned from (``weak_decoder_threshold``): its probabilities follow how often the seeds
-hit a pixel, not the object, so 0.5 leaves most of a large object out and spreads a small one.
-With one or two held-out masks (fewer than ``MIN_DECODER_CALIBRATION``) it matches the CAMs'
-masks instead, whose thresholds those masks set.
+mIoU. Without them CAMs keep Otsu, and a decoder trained from CAM seeds alone (also with fewer
+than three of them, ``MIN_DECODER_CALIBRATION``) gets the threshold at which its masks cover
+as much of the training images as the seeds it last learned from (``weak_decoder_threshold``):
+its probabilities follow how often the seeds hit a pixel, not the object, and 0.5 leaves most
+of it out on large objects and spreads small ones.
 """
 
 from __future__ import annotations
@@ -194,7 +193,7 @@ def calibrate(
     pixel-labelled held-out images exist (``weak_decoder_threshold``, matching ``seed_area``);
     only for a decoder that learned from CAM seeds alone (one trained on human masks keeps
     0.5); also where fewer than ``MIN_DECODER_CALIBRATION`` held-out masks exist (they still
-    set the other thresholds, and the decoder's masks then match the CAMs' masks' area)."""
+    set the other thresholds)."""
     report: dict[str, Any] = {}
     if len(val_ds):
         report.update(review_threshold(ensemble, val_ds, seed, quantile))
@@ -205,11 +204,7 @@ def calibrate(
     # Fewer than MIN_DECODER_CALIBRATION masks still choose the map source (and, in training,
     # the decoder's epoch), but a threshold fitted to one or two images goes to extremes.
     if len(calib) < MIN_DECODER_CALIBRATION and weak_decoder_images and ensemble.config.decoder:
-        # One or two masks have just set the CAMs' thresholds, so the CAMs' masks have a
-        # measured size to match (GlaS: 70.0 / 60.2 and 71.5 / 63.4 held-out Dice fg / bg,
-        # docs/weak-masks.md); with none, only the seeds' mass says how big the object is.
-        area = None if calib else seed_area
-        found = weak_decoder_threshold(ensemble, weak_decoder_images, seed, area)
+        found = weak_decoder_threshold(ensemble, weak_decoder_images, seed, seed_area)
         if found is not None:
             report["decoder_threshold"] = {**found, "held_out_masks": len(calib)}
     return report

@@ -40,6 +40,7 @@ from weak_threshold import consensus_maps, dice, recorded_seed_area
 
 from wsl_models import decoder_training
 from wsl_models.calibration import (
+    MIN_DECODER_CALIBRATION,
     calibration_samples,
     choose_map_source,
     mask_thresholds,
@@ -183,6 +184,9 @@ def retrain(args: argparse.Namespace) -> None:
         found = mask_thresholds(ens, list(judges), cfg.seed) if judges else {}
         if found:
             values["map_source"] = choose_map_source(ens, found["pxap"])
+        if len(judges) < MIN_DECODER_CALIBRATION:  # too few to set the decoder's threshold
+            mass = report.get("seed_area", {}).get("mass")
+            values["weak"] = weak_decoder_threshold(ens, train_s, cfg.seed, mass)
         values["judges"] = [s.name for s in judges]
         values["held_out_dice_fg_bg"] = dice(*consensus_maps(ens, calib), conf.decoder_threshold)
     r = evaluate(ens, ds, "test", progress=False, protocol="survey", sources=["decoder", "cam"])

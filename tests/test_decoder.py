@@ -199,7 +199,7 @@ def test_without_held_out_masks_the_decoder_threshold_matches_its_seeds_area(dis
 
 def test_one_or_two_held_out_masks_do_not_set_the_weak_decoders_threshold(disks, weak):
     """A threshold fitted to one or two images goes to extremes: below
-    MIN_DECODER_CALIBRATION held-out masks the weak decoder keeps the CAM-area threshold (the
+    MIN_DECODER_CALIBRATION held-out masks the weak decoder keeps the seed-area threshold (the
     CAMs' thresholds and the map source still come from the masks); from it on, they set it."""
     import copy
 
@@ -214,12 +214,15 @@ def test_one_or_two_held_out_masks_do_not_set_the_weak_decoders_threshold(disks,
     empty = ImageDataset([], cfg.classes, cfg.image_size)
     for n in range(1, MIN_DECODER_CALIBRATION + 1):
         cfg.decoder_threshold = 0.999  # any value the calibration must replace
-        report = calibrate(ensemble, empty, lesions[:n], 0, 0.9, weak_decoder_images=train)
+        report = calibrate(
+            ensemble, empty, lesions[:n], 0, 0.9, weak_decoder_images=train, seed_area=0.05
+        )
         fitted = report["calibration"]["thresholds"]
         assert cfg.intersection_threshold == fitted["cam"]["_min"]  # the masks set the CAMs'
-        if n < MIN_DECODER_CALIBRATION:  # the CAMs' masks (at their new thresholds)' area
-            area = weak_decoder_threshold(copy.deepcopy(ensemble), train, 0)
+        if n < MIN_DECODER_CALIBRATION:  # the seed maps' mass, as without masks
+            area = weak_decoder_threshold(copy.deepcopy(ensemble), train, 0, 0.05)
             assert report["decoder_threshold"]["held_out_masks"] == n
+            assert report["decoder_threshold"]["rule"] == "seed_area"
             assert (
                 cfg.decoder_threshold
                 == area["threshold"]

@@ -1,0 +1,84 @@
+"""Label-free rules for a weak decoder's threshold, side by side, on a saved model whose
+decoders recorded the mass of their last seed maps (``seed_area``; e.g. one saved by
+``decoder_diagnostics.py retrain --unjudged --save``):
+
+    python bench/threshold_rules.py --model /tmp/models/glas_np_seedarea2 \
+        --json bench/results/decoder/threshold_rules_histology.json
+    python bench/threshold_rules.py --model /tmp/models/lgg_np_seedarea2 \
+        --data ../shared/data/lgg --json bench/results/decoder/threshold_rules_mri.json
+
+Each rule sees only the decoders' consensus maps of up to 48 training images of mask classes
+(224x224) and the seeds' mass; decoder Dice fg / bg is scored as ``weak_threshold.py`` does
+(held-out train images choose, test for information, mask-class images only). Rules:
+``mass`` (the default: the lowest grid value whose masks cover no more than the mass),
+``otsu`` (Otsu of all the maps' pixels), ``plug_in`` (the maps' logits shifted so that their
+mean is the mass, then the threshold that maximises the Dice they expect of themselves,
+mapped back) and ``plug_in_raw`` (the same without the shift).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy.optimize import brentq
+from scipy.special import expit, logit
+from weak_threshold import consensus_maps, dice, model_args, model_splits, recorded_seed_area
+
+from wsl_models.calibration import AREA_GRID
+from wsl_models.masks import otsu_threshold
+from wsl_models.versions import ModelStore
+
+FINE = np.round(np.arange(0.02, 0.99, 0.02), 2)
+
+
+def expected_dice(maps: np.ndarray, q: float) -> float:
+    """The mean per-image Dice the maps expect of their masks at ``q``, taken as calibrated."""
+    sel = maps > q
+    hit = (maps * sel).sum((1, 2))
+    return float(np.mean(2 * hit / (sel.sum((1, 2)) + maps.sum((1, 2)) + 1e-9)))
+
+
+def plug_in(maps: np.ndarray, mass: float | None) -> float:
+    """The Dice-optimal threshold of the maps, their logits first shifted to mean ``mass``."""
+    z = logit(np.clip(maps, 1e-6, 1 - 1e-6))
+    shift = 0.0 if mass is None else brentq(lambda b: expit(z + b).mean() - mass, -30, 30)
+    shifted = expit(z + shift)
+    best = max(FINE, key=lambda q: expected_dice(shifted, q))
+    return float(expit(logit(best) - shift))
+
+
+def main() -> None:
+    args = model_args(__doc__)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    store = ModelStore(args.model)
+    ensemble = store.load()
+    mass = recorded_seed_area(store)
+    if mass is None:
+        raise SystemExit(f"{args.model} recorded no seed mass")
+    train, held, test = model_splits(store, ensemble, args.data)
+    wanted = set(ensemble.config.mask_classes or ensemble.config.classes)
+    maps = np.stack(consensus_maps(ensemble, [s for s in train if s.label in wanted][:48])[0])
+    areas = {t: float((maps > t).mean()) for t in AREA_GRID}
+    rules = {
+        "mass": next((t for t in AREA_GRID if areas[t] <= mass), AREA_GRID[-1]),
+        "otsu": float(otsu_threshold(maps.reshape(-1, maps.shape[-1]))),
+        "plug_in": plug_in(maps, mass),
+        "plug_in_raw": plug_in(maps, None),
+    }
+    scored = {name: consensus_maps(ensemble, s) for name, s in (("held_out", held), ("test", test))}
+    rows = {
+        rule: {"threshold": round(t, 3)} | {name: dice(m, y, t) for name, (m, y) in scored.items()}
+        for rule, t in rules.items()
+    }
+    for rule, row in rows.items():
+        print(rule, json.dumps(row))
+    if args.json:
+        result = {"model": args.model, "seed_mass": mass, "images": len(maps), "rules": rows}
+        Path(args.json).write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -197,6 +197,35 @@ def test_without_held_out_masks_the_decoder_threshold_matches_its_seeds_area(dis
     assert calibrate(ensemble, empty, [], 0, 0.9, weak_decoder_images=normal) == {}
 
 
+def test_a_new_project_without_any_mask_finds_the_disks(disks, tmp_path):
+    """No mask anywhere (a new Label Studio project): nothing calibrates the CAMs, and the
+    weak decoder's threshold matches the mass of its seed maps; its masks still find the
+    disks (IoU >= 0.8 against the masks kept aside) and normal images stay dark."""
+    import shutil
+
+    root = tmp_path / "nomasks"
+    shutil.copytree(disks.root, root)
+    shutil.rmtree(root / "masks")
+    ds = load_dataset(root)
+    cfg = EnsembleConfig(list(ds.classes), ["tiny", "tiny"], (SIZE, SIZE), mask_classes=["lesion"])
+    tcfg = TrainConfig(
+        epochs=25, lr=3e-3, weights="none", progress=False, decoder_self_seed_rounds=1
+    )
+    ensemble, metrics = train_ensemble(ds, cfg, tcfg)
+    assert "calibration" not in metrics and ensemble.config.intersection_threshold is None
+    found, area = metrics["decoder_threshold"], metrics["decoders"]["seed_area"]
+    assert found["rule"] == "seed_area" and found["target_area"] == area["mass"]
+    assert ensemble.config.decoder_threshold == found["threshold"]
+    ious = _ious(ensemble, disks, "decoder")  # scored against the original masks
+    print(f"\nnew project on disks: threshold {found['threshold']}, IoU {np.mean(ious):.3f}")
+    assert np.mean(ious) >= 0.8
+    normal = [s for s in disks.split("test") if s.label == "normal"]
+    xn = torch.stack([to_tensor(open_image(s.image), cfg.image_size) for s in normal])
+    out = ensemble.predict(xn, seed=0)
+    shown = [ensemble.masks(out, i, (SIZE, SIZE), source="decoder").mask for i in range(len(xn))]
+    assert all(m is None or not m.any() for m in shown)
+
+
 def test_one_or_two_held_out_masks_do_not_set_the_weak_decoders_threshold(disks, weak):
     """A threshold fitted to one or two images goes to extremes: below
     MIN_DECODER_CALIBRATION held-out masks the weak decoder keeps the seed-area threshold (the

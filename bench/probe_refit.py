@@ -22,7 +22,13 @@ from sklearn.metrics import average_precision_score
 from weak_threshold import model_args, model_splits
 
 from wsl_models.data import load_masks
-from wsl_models.decoder_training import cache_taps, decoder_probs, plan_targets, probe_seed_maps
+from wsl_models.decoder_training import (
+    cache_taps,
+    cover_grid,
+    decoder_probs,
+    plan_targets,
+    probe_seed_maps,
+)
 from wsl_models.masks import resize_mask
 from wsl_models.train_config import TrainConfig
 from wsl_models.versions import ModelStore
@@ -58,12 +64,11 @@ def main() -> None:
                 "true_area": float(y.mean()),
             }
         )
-    grid = (images.shape[-2] // 4, images.shape[-1] // 4)
     gain = np.array([r["ap_refit"] - r["ap_consensus"] for r in rows])
     summary = {
         "model": args.model,
         "images": len(rows),
-        "seed_cover": plan.seed_cover(grid),
+        "seed_cover": plan.seed_cover(cover_grid(images)),
         "improved_share": float((gain > 0).mean()),
         **{
             k: round(float(np.mean([r[k] for r in rows])), 4)

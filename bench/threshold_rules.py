@@ -27,7 +27,7 @@ from scipy.optimize import brentq
 from scipy.special import expit, logit
 from weak_threshold import consensus_maps, dice, model_args, model_splits, recorded_seed_area
 
-from wsl_models.calibration import AREA_GRID
+from wsl_models.calibration import weak_decoder_threshold
 from wsl_models.masks import otsu_threshold
 from wsl_models.versions import ModelStore
 
@@ -61,9 +61,8 @@ def main() -> None:
     train, held, test = model_splits(store, ensemble, args.data)
     wanted = set(ensemble.config.mask_classes or ensemble.config.classes)
     maps = np.stack(consensus_maps(ensemble, [s for s in train if s.label in wanted][:48])[0])
-    areas = {t: float((maps > t).mean()) for t in AREA_GRID}
     rules = {
-        "mass": next((t for t in AREA_GRID if areas[t] <= mass), AREA_GRID[-1]),
+        "mass": weak_decoder_threshold(ensemble, train, 0, mass)["threshold"],
         "otsu": float(otsu_threshold(maps.reshape(-1, maps.shape[-1]))),
         "plug_in": plug_in(maps, mass),
         "plug_in_raw": plug_in(maps, None),

@@ -591,8 +591,9 @@ def train_decoders(
     # What the seeds the decoders last learned from cover: a weak decoder's masks are cut to
     # their mass when no held-out masks calibrate them (calibration.weak_decoder_threshold).
     at = cover_grid(images)
-    report["seed_area"] = seed_area(plan, at, "cam")
-    probes = probe_rounds(plan, images, cfg, judge, report)
+    cam_cover = plan.seed_cover(at)  # also what gates unjudged probe rounds
+    report["seed_area"] = seed_area(plan, at, "cam", cam_cover)
+    probes = probe_rounds(cam_cover, cfg, judge, report)
     for r in range(probes):
         refined = probe_seed_maps(ensemble, images, plan, maps)
         done = self_seed_round(
@@ -602,7 +603,8 @@ def train_decoders(
         report[f"probe_round_{r + 1}"] = done
         maps = [refined[k] if done[keys[k]]["kept"] else maps[k] for k in range(len(maps))]
         if any(d["kept"] for d in done.values()):
-            report["seed_area"] = seed_area(plan.reseeded(refined), at, f"probe_round_{r + 1}")
+            last = plan.reseeded(refined)
+            report["seed_area"] = seed_area(last, at, f"probe_round_{r + 1}", last.seed_cover(at))
     # Self-seed rounds only on the weak path (with human masks the segmenter, mask_training.py,
     # takes over) and where three or more held-out masks judge each round: without them a
     # round is as likely to lose as to gain (GlaS held-out PxAP 64.5 / 64.7 after 1 / 2 rounds
@@ -634,34 +636,32 @@ def _rounded(value: float | None) -> float | None:
     return None if value is None else round(value, 4)
 
 
-def seed_area(plan: DecoderTargets, grid: tuple[int, int], seeds: str) -> dict[str, Any]:
-    """What the seeds of ``plan`` cover, hard (Otsu) and soft, and where they came from."""
+def seed_area(
+    plan: DecoderTargets, grid: tuple[int, int], seeds: str, cover: float | None
+) -> dict[str, Any]:
+    """What the seeds of ``plan`` cover, hard (``cover``: its ``seed_cover``) and soft, and
+    where they came from."""
     return {
-        "cover": _rounded(plan.seed_cover(grid)),
+        "cover": _rounded(cover),
         "mass": _rounded(plan.seed_mass(grid)),
         "seeds": seeds,
     }
 
 
 def probe_rounds(
-    plan: DecoderTargets,
-    images: torch.Tensor,
-    cfg: TrainConfig,
-    held: HeldOut | None,
-    report: dict[str, Any],
+    cover: float | None, cfg: TrainConfig, held: HeldOut | None, report: dict[str, Any]
 ) -> int:
     """How many probe rounds run: only on the weak path (no human masks). With held-out masks
     that judge (``held``) ``cfg.decoder_probe_rounds``, each judged by them. Without, every
     round is kept, so ``cfg.decoder_unjudged_probe_rounds`` run only where the objects are
-    large enough for the probe: its two sides weigh half each, and on a finding of a few of
-    its cells it spreads the finding (LGG, seed cover 0.07: held-out PxAP 65.8 -> 23.9 after
-    3 unjudged rounds; GlaS, 0.36: 70.7 -> 73.0). The gate is recorded in
-    ``report["probe_gate"]``."""
+    large enough for the probe (``cover``: the seed CAMs' ``seed_cover``): its two sides weigh
+    half each, and on a finding of a few of its cells it spreads the finding (LGG, seed cover
+    0.07: held-out PxAP 65.8 -> 23.9 after 3 unjudged rounds; GlaS, 0.36: 70.7 -> 73.0). The
+    gate is recorded in ``report["probe_gate"]``."""
     if report["human_masks"] > 0:
         return 0
     if held is not None:
         return cfg.decoder_probe_rounds
-    cover = plan.seed_cover(cover_grid(images))
     opened = cover is not None and cover >= cfg.decoder_probe_min_cover
     report["probe_gate"] = {
         "seed_cover": _rounded(cover),

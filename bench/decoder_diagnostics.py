@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from weak_threshold import consensus_maps, dice, recorded_seed_area
+from weak_threshold import consensus_maps, dice, recorded_seeds
 
 from wsl_models import decoder_training
 from wsl_models.calibration import (
@@ -44,6 +44,7 @@ from wsl_models.calibration import (
     calibration_samples,
     choose_map_source,
     mask_thresholds,
+    seeds_recorded,
     weak_decoder_threshold,
 )
 from wsl_models.cam import cam_method, normalize_maps, resize_maps
@@ -175,8 +176,7 @@ def retrain(args: argparse.Namespace) -> None:
         fresh = EnsembleConfig(classes=conf.classes, members=conf.members)
         for k in THRESHOLDS:  # mask_thresholds set them from the held-out masks, as had training
             setattr(conf, k, copy.deepcopy(getattr(fresh, k)))
-        mass = report.get("seed_area", {}).get("mass")
-        values["unjudged"] = weak_decoder_threshold(ens, train_s, cfg.seed, mass)
+        values["unjudged"] = weak_decoder_threshold(ens, train_s, cfg.seed, *seeds_recorded(report))
         values["held_out_dice_fg_bg"] = dice(*consensus_maps(ens, calib), conf.decoder_threshold)
     if args.judges >= 0 and not args.unjudged:
         # As training calibrates: thresholds and the map source from the K judges only; the
@@ -185,8 +185,7 @@ def retrain(args: argparse.Namespace) -> None:
         if found:
             values["map_source"] = choose_map_source(ens, found["pxap"])
         if len(judges) < MIN_DECODER_CALIBRATION:  # too few to set the decoder's threshold
-            mass = report.get("seed_area", {}).get("mass")
-            values["weak"] = weak_decoder_threshold(ens, train_s, cfg.seed, mass)
+            values["weak"] = weak_decoder_threshold(ens, train_s, cfg.seed, *seeds_recorded(report))
         values["judges"] = [s.name for s in judges]
         values["held_out_dice_fg_bg"] = dice(*consensus_maps(ens, calib), conf.decoder_threshold)
     r = evaluate(ens, ds, "test", progress=False, protocol="survey", sources=["decoder", "cam"])
@@ -239,8 +238,8 @@ def score(args: argparse.Namespace) -> None:
     for model in args.model.split(","):
         ens = ModelStore(model).load()
         t = ens.config.decoder_threshold
-        mass = recorded_seed_area(ModelStore(model))
-        weak = weak_decoder_threshold(ens, train_s, base.seed, mass)["threshold"]  # sets it
+        seeds = recorded_seeds(ModelStore(model))
+        weak = weak_decoder_threshold(ens, train_s, base.seed, *seeds)["threshold"]  # sets it
         row = {"model": model, "threshold": t, "weak_threshold": weak}
         for name, samples in (("held_out", scored), ("test", test)):
             maps, truths = consensus_maps(ens, samples)

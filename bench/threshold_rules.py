@@ -10,10 +10,11 @@ decoders recorded the mass of their last seed maps (``seed_area``; e.g. one save
 Each rule sees only the decoders' consensus maps of up to 48 training images of mask classes
 (224x224) and the seeds' mass; decoder Dice fg / bg is scored as ``weak_threshold.py`` does
 (held-out train images choose, test for information, mask-class images only). Rules:
-``mass`` (the default: the lowest grid value whose masks cover no more than the mass),
-``otsu`` (Otsu of all the maps' pixels), ``plug_in`` (the maps' logits shifted so that their
-mean is the mass, then the threshold that maximises the Dice they expect of themselves,
-mapped back) and ``plug_in_raw`` (the same without the shift).
+``mass`` (the lowest grid value whose masks cover no more than the mass: the default where
+the probe gate stays closed), ``otsu`` (Otsu of all the maps' pixels), ``plug_in``
+(``masks.plug_in_threshold``: the maps' logits shifted so that their mean is the mass, then
+the threshold that maximises the Dice they expect of themselves, mapped back; the default
+where the gate opens) and ``plug_in_raw`` (the same without the shift).
 """
 
 from __future__ import annotations
@@ -23,31 +24,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from scipy.optimize import brentq
-from scipy.special import expit, logit
-from weak_threshold import consensus_maps, dice, model_args, model_splits, recorded_seed_area
+from weak_threshold import consensus_maps, dice, model_args, model_splits, recorded_seeds
 
 from wsl_models.calibration import weak_decoder_threshold
-from wsl_models.masks import otsu_threshold
+from wsl_models.masks import otsu_threshold, plug_in_threshold
 from wsl_models.versions import ModelStore
-
-FINE = np.round(np.arange(0.02, 0.99, 0.02), 2)
-
-
-def expected_dice(maps: np.ndarray, q: float) -> float:
-    """The mean per-image Dice the maps expect of their masks at ``q``, taken as calibrated."""
-    sel = maps > q
-    hit = (maps * sel).sum((1, 2))
-    return float(np.mean(2 * hit / (sel.sum((1, 2)) + maps.sum((1, 2)) + 1e-9)))
-
-
-def plug_in(maps: np.ndarray, mass: float | None) -> float:
-    """The Dice-optimal threshold of the maps, their logits first shifted to mean ``mass``."""
-    z = logit(np.clip(maps, 1e-6, 1 - 1e-6))
-    shift = 0.0 if mass is None else brentq(lambda b: expit(z + b).mean() - mass, -30, 30)
-    shifted = expit(z + shift)
-    best = max(FINE, key=lambda q: expected_dice(shifted, q))
-    return float(expit(logit(best) - shift))
 
 
 def main() -> None:
@@ -55,17 +36,19 @@ def main() -> None:
     torch.set_num_threads(max(1, torch.get_num_threads()))
     store = ModelStore(args.model)
     ensemble = store.load()
-    mass = recorded_seed_area(store)
+    mass, large_objects = recorded_seeds(store)
     if mass is None:
         raise SystemExit(f"{args.model} recorded no seed mass")
     train, held, test = model_splits(store, ensemble, args.data)
     wanted = set(ensemble.config.mask_classes or ensemble.config.classes)
     maps = np.stack(consensus_maps(ensemble, [s for s in train if s.label in wanted][:48])[0])
+    default = weak_decoder_threshold(ensemble, train, 0, mass, large_objects)
     rules = {
+        f"default ({default['rule']})": default["threshold"],
         "mass": weak_decoder_threshold(ensemble, train, 0, mass)["threshold"],
         "otsu": float(otsu_threshold(maps.reshape(-1, maps.shape[-1]))),
-        "plug_in": plug_in(maps, mass),
-        "plug_in_raw": plug_in(maps, None),
+        "plug_in": plug_in_threshold(maps, mass),
+        "plug_in_raw": plug_in_threshold(maps, None),
     }
     scored = {name: consensus_maps(ensemble, s) for name, s in (("held_out", held), ("test", test))}
     rows = {
@@ -75,7 +58,13 @@ def main() -> None:
     for rule, row in rows.items():
         print(rule, json.dumps(row))
     if args.json:
-        result = {"model": args.model, "seed_mass": mass, "images": len(maps), "rules": rows}
+        result = {
+            "model": args.model,
+            "seed_mass": mass,
+            "probe_gate_open": large_objects,
+            "images": len(maps),
+            "rules": rows,
+        }
         Path(args.json).write_text(json.dumps(result, indent=1))
 
 

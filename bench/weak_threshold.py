@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from wsl_models.calibration import AREA_GRID, weak_decoder_threshold
+from wsl_models.calibration import AREA_GRID, seeds_recorded, weak_decoder_threshold
 from wsl_models.data import ImageDataset, load_dataset, load_masks
 from wsl_models.masks import resize_mask
 from wsl_models.metrics import segmentation_scores
@@ -56,15 +56,15 @@ def model_splits(store: ModelStore, ensemble, data: str) -> tuple[list, list, li
     return train, held_s, [s for s in scored if s.split.startswith("test")]
 
 
-def recorded_seed_area(store: ModelStore) -> float | None:
-    """The mass of the seed maps a saved model's decoders last learned from, as its training
-    (or ``decoder_diagnostics.py retrain --save``) recorded it; None for a model from before."""
+def recorded_seeds(store: ModelStore) -> tuple[float | None, bool]:
+    """``seeds_recorded`` of a saved model's decoders, as its training (or
+    ``decoder_diagnostics.py retrain --save``) recorded them: (None, False) for a model from
+    before the seed mass was recorded."""
     metrics = store.manifest(store.current_id())["metrics"]
     for report in (metrics.get("retrain"), metrics.get("decoders")):
-        mass = ((report or {}).get("seed_area") or {}).get("mass")
-        if mass is not None:
-            return mass
-    return None
+        if seeds_recorded(report)[0] is not None:
+            return seeds_recorded(report)
+    return None, False
 
 
 def model_args(doc: str) -> argparse.Namespace:
@@ -88,7 +88,7 @@ def main() -> None:
     ensemble = store.load()
     calibrated = ensemble.config.decoder_threshold
     train, held_s, test = model_splits(store, ensemble, args.data)
-    rule = weak_decoder_threshold(ensemble, train, 0, recorded_seed_area(store))
+    rule = weak_decoder_threshold(ensemble, train, 0, *recorded_seeds(store))
     scored = {
         name: consensus_maps(ensemble, s) for name, s in (("held_out", held_s), ("test", test))
     }

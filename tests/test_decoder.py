@@ -18,6 +18,7 @@ from wsl_models.decoder_training import (
 from wsl_models.ensemble import Ensemble, EnsembleConfig
 from wsl_models.evaluation import evaluate, format_table
 from wsl_models.images import open_image, open_mask, to_tensor
+from wsl_models.masks import plug_in_threshold
 from wsl_models.members import build_member
 from wsl_models.supervision import IGNORE
 from wsl_models.synthetic import make_dataset
@@ -188,11 +189,20 @@ def test_without_held_out_masks_the_decoder_threshold_matches_its_seeds_area(dis
     assert all(m is None or not m.any() for m in shown)
     # Given the mass of the decoders' last seed maps, that is the area matched instead.
     mass = float(np.mean([areas[t] for t in AREA_GRID[8:10]]))  # between 0.45's and 0.5's
-    seeded = calibrate(ensemble, empty, [], 0, 0.9, weak_decoder_images=train, seed_area=mass)
+    seeded = calibrate(ensemble, empty, [], 0, 0.9, weak_decoder_images=train, seeds=(mass, False))
     found = seeded["decoder_threshold"]
     assert found["rule"] == "seed_area" and found["target_area"] == mass
     assert found["threshold"] == next(t for t in AREA_GRID if areas[t] <= mass)
     assert cfg.decoder_threshold == found["threshold"]
+    # Where the probe gate opened (large objects), the plug-in Dice rule on the same maps.
+    large = calibrate(ensemble, empty, [], 0, 0.9, weak_decoder_images=train, seeds=(mass, True))
+    found = large["decoder_threshold"]
+    assert found["rule"] == "plug_in" and found["target_area"] == mass
+    assert found["threshold"] == round(plug_in_threshold(np.stack(maps), mass), 3)
+    assert cfg.decoder_threshold == found["threshold"]
+    assert found["decoder_area"] == pytest.approx(
+        np.mean([(m > found["threshold"]).mean() for m in maps])
+    )
     # No training image of a mask class: nothing to match, nothing set.
     assert calibrate(ensemble, empty, [], 0, 0.9, weak_decoder_images=normal) == {}
 
@@ -244,7 +254,7 @@ def test_one_or_two_held_out_masks_do_not_set_the_weak_decoders_threshold(disks,
     for n in range(1, MIN_DECODER_CALIBRATION + 1):
         cfg.decoder_threshold = 0.999  # any value the calibration must replace
         report = calibrate(
-            ensemble, empty, lesions[:n], 0, 0.9, weak_decoder_images=train, seed_area=0.05
+            ensemble, empty, lesions[:n], 0, 0.9, weak_decoder_images=train, seeds=(0.05, False)
         )
         fitted = report["calibration"]["thresholds"]
         assert cfg.intersection_threshold == fitted["cam"]["_min"]  # the masks set the CAMs'

@@ -397,8 +397,8 @@ def test_without_held_out_masks_probe_rounds_run_only_on_objects_the_probe_can_r
 ):
     """No held-out masks judge a probe round, so the seed CAMs' cover gates the unjudged
     rounds: below ``decoder_probe_min_cover`` none runs, above it each runs and is kept. The
-    decoder's threshold then matches the mass of the seed maps it last learned from: the seed
-    CAMs', or the last round's probe maps'."""
+    decoder's threshold then matches the mass of the seed maps it last learned from (the seed
+    CAMs'), or, past the gate, takes the plug-in Dice rule at the last probe maps' mass."""
     import wsl_models.decoder_training as dt
 
     refits = []
@@ -434,7 +434,8 @@ def test_without_held_out_masks_probe_rounds_run_only_on_objects_the_probe_can_r
     last, grid = plan.reseeded(refined), dt.cover_grid(images)
     cover, mass = round(last.seed_cover(grid), 4), round(last.seed_mass(grid), 4)
     assert dec["seed_area"] == {"cover": cover, "mass": mass, "seeds": "probe_round_2"}
-    assert opened["decoder_threshold"]["target_area"] == dec["seed_area"]["mass"]
+    weak = opened["decoder_threshold"]  # large objects: the plug-in rule, at the same mass
+    assert weak["rule"] == "plug_in" and weak["target_area"] == dec["seed_area"]["mass"]
     # The defaults open the gate only for objects above 0.15 of the image.
     assert TrainConfig().decoder_probe_min_cover == 0.15
 

@@ -3,9 +3,10 @@
 The few pixel-labelled held-out images (the Survey's ``valpx``) choose each threshold by pooled
 mIoU. Without them CAMs keep Otsu, and a decoder trained from CAM seeds alone (also with fewer
 than three of them, ``MIN_DECODER_CALIBRATION``) gets the threshold at which its masks cover
-as much of the training images as the mean of the seed maps it last learned from
-(``weak_decoder_threshold``): its probabilities follow how often the seeds hit a pixel, not the
-object, so 0.5 leaves most of a large object out and spreads a small one.
+as much of the training images as the mean of the seed maps it last learned from, or, where
+the objects are large, the plug-in Dice threshold of its maps (``weak_decoder_threshold``):
+its probabilities follow how often the seeds hit a pixel, not the object, so 0.5 leaves most
+of a large object out and spreads a small one.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 
 from .data import ImageDataset, Sample, load_masks
 from .ensemble import Ensemble
-from .masks import calibrate_threshold
+from .masks import calibrate_threshold, plug_in_threshold
 from .metrics import pxap
 
 
@@ -129,25 +130,39 @@ MIN_DECODER_CALIBRATION = 3
 AREA_GRID = tuple(round(0.05 * k, 2) for k in range(1, 20))  # 0.05 ... 0.95
 
 
+def seeds_recorded(decoders: dict[str, Any] | None) -> tuple[float | None, bool]:
+    """What ``weak_decoder_threshold`` takes from ``train_decoders``' report: the mass of the
+    seed maps the decoders last learned from (None before it was recorded) and whether the
+    probe gate opened (the seed CAMs found large objects)."""
+    decoders = decoders or {}
+    mass = (decoders.get("seed_area") or {}).get("mass")
+    return mass, bool((decoders.get("probe_gate") or {}).get("open", False))
+
+
 def weak_decoder_threshold(
     ensemble: Ensemble,
     samples: list[Sample],
     seed: int,
     seed_area: float | None = None,
+    large_objects: bool = False,
     limit: int = 48,
 ) -> dict[str, Any] | None:
-    """The weak decoder's threshold without pixel-labelled images: the lowest grid value
-    whose consensus masks cover, on average over up to ``limit`` labelled training images of
-    mask classes, no more of the image than ``seed_area`` (the mean of the seed maps the
-    decoders last learned from, ``train_decoders``' ``seed_area["mass"]``) or, without it, the
-    CAMs' consensus masks. None without such images.
+    """The weak decoder's threshold without pixel-labelled images, from its consensus maps of
+    up to ``limit`` labelled training images of mask classes: the lowest grid value whose
+    masks cover, on average, no more of the image than ``seed_area`` (the mean of the seed
+    maps the decoders last learned from, ``train_decoders``' ``seed_area["mass"]``) or,
+    without it, the CAMs' consensus masks. With ``large_objects`` (the probe gate opened: the
+    seed CAMs cover a large share of an image) and a seed mass, the plug-in Dice threshold of
+    the maps shifted to that mass (``masks.plug_in_threshold``). None without such images.
 
     A decoder's probabilities follow how often the seeds hit a pixel, so 0.5 suits no object
     size; cut where its masks are as big as its seed maps' mass, it keeps their size. The
     CAMs' masks are no size to match in a new project: nothing calibrated their thresholds.
-    New GlaS / LGG projects' decoders, held-out train Dice fg / bg: 60.0 / 66.2 and
-    55.8 / 98.7 at the seed mass's 0.5 / 0.95, against 43.4 / 64.4 and 25.8 / 90.7 at the
-    CAM area's 0.65 / 0.35 (docs/weak-masks.md)."""
+    Seeds of a large object undershoot it (GlaS: mass 0.40, glands 0.50), and the plug-in
+    rule's masks are larger; those of a small finding overreach it (LGG: 0.045, tumours
+    0.029), where the mass is the better bound. New GlaS / LGG projects' decoders, held-out
+    train Dice fg / bg: 67.1 / 65.8 at the plug-in's 0.35 (60.0 / 66.2 at the mass's 0.5) and
+    55.8 / 98.7 at the mass's 0.95 (48.0 / 97.4 at the plug-in's 0.86; docs/weak-masks.md)."""
     conf = ensemble.config
     wanted = set(conf.mask_classes or conf.classes)
     chosen = [s for s in samples if s.label in wanted][:limit]
@@ -169,14 +184,21 @@ def weak_decoder_threshold(
     if not cam_areas:
         return None
     target = float(np.mean(cam_areas)) if seed_area is None else float(seed_area)
-    areas = {t: float(np.mean([(m > t).mean() for m in decoder_maps])) for t in AREA_GRID}
-    threshold = next((t for t in AREA_GRID if areas[t] <= target), AREA_GRID[-1])
+
+    def area(t: float) -> float:
+        return float(np.mean([(m > t).mean() for m in decoder_maps]))
+
+    rule = "cam_area" if seed_area is None else "seed_area"
+    if rule == "seed_area" and large_objects:
+        rule, threshold = "plug_in", round(plug_in_threshold(np.stack(decoder_maps), target), 3)
+    else:
+        threshold = next((t for t in AREA_GRID if area(t) <= target), AREA_GRID[-1])
     conf.decoder_threshold = threshold
     return {
-        "rule": "cam_area" if seed_area is None else "seed_area",
+        "rule": rule,
         "threshold": threshold,
         "target_area": target,
-        "decoder_area": areas[threshold],
+        "decoder_area": area(threshold),
         "images": len(cam_areas),
     }
 
@@ -189,12 +211,13 @@ def calibrate(
     quantile: float,
     map_source: bool = False,
     weak_decoder_images: list[Sample] | None = None,
-    seed_area: float | None = None,
+    seeds: tuple[float | None, bool] = (None, False),
 ) -> dict[str, Any]:
     """Set review and mask thresholds from held-out data and, with ``map_source``, choose
     between the decoder and the CAM (``choose_map_source``); returns what was measured.
     ``weak_decoder_images``: training images to set a decoder's threshold from when no
-    pixel-labelled held-out images exist (``weak_decoder_threshold``, matching ``seed_area``);
+    pixel-labelled held-out images exist (``weak_decoder_threshold`` with ``seeds``, the
+    decoders' ``seeds_recorded``);
     only for a decoder that learned from CAM seeds alone (one trained on human masks keeps
     0.5); also where fewer than ``MIN_DECODER_CALIBRATION`` held-out masks exist (they still
     set the other thresholds)."""
@@ -208,7 +231,7 @@ def calibrate(
     # Fewer than MIN_DECODER_CALIBRATION masks still choose the map source (and, in training,
     # the decoder's epoch), but a threshold fitted to one or two images goes to extremes.
     if len(calib) < MIN_DECODER_CALIBRATION and weak_decoder_images and ensemble.config.decoder:
-        found = weak_decoder_threshold(ensemble, weak_decoder_images, seed, seed_area)
+        found = weak_decoder_threshold(ensemble, weak_decoder_images, seed, *seeds)
         if found is not None:
             report["decoder_threshold"] = {**found, "held_out_masks": len(calib)}
     return report

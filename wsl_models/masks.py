@@ -6,6 +6,8 @@ import cv2
 import numpy as np
 import torch
 from scipy import ndimage
+from scipy.optimize import brentq
+from scipy.special import expit, logit
 
 Threshold = float | str  # a value in [0, 1], or "otsu"
 
@@ -87,6 +89,33 @@ def calibrate_threshold(
     miou = (iou_fg + iou_bg) / 2
     best = int(np.argmax(miou))
     return float(edges[best]), float(miou[best])
+
+
+def expected_dice(maps: np.ndarray, q: float) -> float:
+    """The mean per-image Dice that maps (n, H, W), taken as calibrated probabilities, expect
+    of their own masks at ``q``."""
+    sel = maps > q
+    hit = (maps * sel).sum((1, 2))
+    return float(np.mean(2 * hit / (sel.sum((1, 2)) + maps.sum((1, 2)) + 1e-9)))
+
+
+PLUG_IN_GRID = np.round(np.arange(0.02, 0.99, 0.02), 2)
+
+
+def plug_in_threshold(maps: np.ndarray, mass: float | None = None) -> float:
+    """The threshold that maximises the Dice maps (n, H, W) expect of themselves (a plug-in
+    Bayes rule for Dice), their logits first shifted so that their mean is ``mass`` (the area
+    they should cover; None: as they are), mapped back to the maps' own scale.
+
+    Dice rewards a mask that takes in pixels of probability below one half where the object's
+    edge is uncertain, so the masks cover more than ``mass``."""
+    z = logit(np.clip(maps.astype(np.float64), 1e-6, 1 - 1e-6))
+    shift = 0.0
+    if mass is not None:
+        shift = brentq(lambda b: expit(z + b).mean() - mass, -30.0, 30.0)
+    shifted = expit(z + shift)
+    best = max(PLUG_IN_GRID, key=lambda q: expected_dice(shifted, q))
+    return float(expit(logit(best) - shift))
 
 
 def review_region(

@@ -21,7 +21,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import distributed
-from .calibration import calibrate, calibration_samples
+from .calibration import calibrate, calibration_samples, seeds_recorded
 from .cam import XGradCAM, normalize_maps, resize_maps
 from .data import (
     Dataset,
@@ -573,7 +573,8 @@ def train_ensemble(
             ensemble, train_s, has_mask, cfg, device, calib, has_points
         )
     # A decoder that learned from CAM seeds alone, with no held-out masks to calibrate on,
-    # gets its threshold from the area its last seeds covered on the training images.
+    # gets its threshold from the area its last seeds covered on the training images (or, where
+    # the probe gate found large objects, the Dice its maps expect of themselves).
     weak_only = ens_cfg.decoder and not segmented(ensemble) and all(h is None for h in human)
     measured = (
         calibrate(
@@ -584,7 +585,7 @@ def train_ensemble(
             cfg.review_quantile,
             cfg.choose_map_source,
             weak_decoder_images=train_s if weak_only else None,
-            seed_area=decoders.get("seed_area", {}).get("mass"),
+            seeds=seeds_recorded(decoders),
         )
         if distributed.is_main()
         else {}

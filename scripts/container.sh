@@ -51,14 +51,13 @@ base() {
 # pip's effective configuration as one pip.conf, and a -v for each local folder or file it names.
 pip_config() {
     local conf=$1
-    python3 - "$conf" <<'EOF'
-import os, shlex, subprocess, sys
+    python3 - "$conf" "$root/scripts" <<'EOF'
+import os, subprocess, sys
+sys.path.insert(0, sys.argv[2])
+from uv_install import pip_settings  # `pip config list` parsed as for uv
 out = subprocess.run([sys.executable, "-m", "pip", "config", "list"],
                      capture_output=True, text=True).stdout
-values = {}
-for line in out.splitlines():  # global.key='v' and :env:.key='v' (the PIP_* variables)
-    key, _, value = line.partition("=")
-    values[key.rsplit(".", 1)[-1]] = shlex.split(value)[0] if value else ""
+values = pip_settings(out)
 with open(sys.argv[1], "w") as f:
     f.write("[global]\n" + "".join(f"{k} = {v}\n" for k, v in values.items()))
 mounts = set()

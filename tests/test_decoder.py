@@ -25,6 +25,8 @@ from wsl_models.synthetic import make_dataset
 from wsl_models.training import TrainConfig, train_ensemble
 from wsl_models.versions import MANIFEST, ModelStore
 
+from .images import without_masks
+
 SIZE = 128
 
 
@@ -211,12 +213,7 @@ def test_a_new_project_without_any_mask_finds_the_disks(disks, tmp_path):
     """No mask anywhere (a new Label Studio project): nothing calibrates the CAMs, and the
     weak decoder's threshold matches the mass of its seed maps; its masks still find the
     disks (IoU >= 0.8 against the masks kept aside) and normal images stay dark."""
-    import shutil
-
-    root = tmp_path / "nomasks"
-    shutil.copytree(disks.root, root)
-    shutil.rmtree(root / "masks")
-    ds = load_dataset(root)
+    ds = without_masks(disks.root, tmp_path / "nomasks")
     cfg = EnsembleConfig(list(ds.classes), ["tiny", "tiny"], (SIZE, SIZE), mask_classes=["lesion"])
     tcfg = TrainConfig(
         epochs=25, lr=3e-3, weights="none", progress=False, decoder_self_seed_rounds=1

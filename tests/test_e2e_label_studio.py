@@ -186,9 +186,11 @@ def test_pre_annotate_learn_and_rank(label_studio, backend, tmp_path):
     assert v1 in line and server.base not in line
     first = requests.get(f"{backend}/versions/{line[0]}", timeout=5).json()["metrics"]
     assert first["fine_tuned_from"] == server.base and first["source"]["unlabelled"] > 0
-    # No held-out task has a mask: the weak decoder's threshold matches its seeds' area.
-    weak = first["decoder_threshold"]
-    assert weak["rule"] == "seed_area" and "calibration" not in first
+    # No held-out task has a mask: the weak decoder's threshold comes from its seeds' mass
+    # (the plug-in Dice rule where the probe gate found large objects).
+    weak, gate = first["decoder_threshold"], first["decoders"].get("probe_gate") or {}
+    assert weak["rule"] == ("plug_in" if gate.get("open") else "seed_area")
+    assert "calibration" not in first
     assert weak["target_area"] == first["decoders"]["seed_area"]["mass"]
     # The tiny members train from scratch (no feature bank): fine-tuning them keeps the full
     # schedule, TRAIN_EPOCHS=30 and the decoder's 60 epochs (the short one is for pretrained

@@ -17,6 +17,8 @@ from wsl_models.synthetic import make_dataset
 from wsl_models.train_config import recipe
 from wsl_models.training import TrainConfig, train_ensemble
 
+from .images import without_masks
+
 SIZE = 96
 
 
@@ -143,12 +145,7 @@ def test_a_decoder_below_its_cam_on_held_out_masks_never_serves(disks):
 
 def _without_masks(disks, tmp_path):
     """The disks set with its masks/ folder removed (no held-out masks), and its config."""
-    import shutil
-
-    root = tmp_path / "nomasks"
-    shutil.copytree(disks.root, root)
-    shutil.rmtree(root / "masks")
-    ds = load_dataset(root)
+    ds = without_masks(disks.root, tmp_path / "nomasks")
     return ds, EnsembleConfig(list(ds.classes), ["tiny"], (SIZE, SIZE), mask_classes=["lesion"])
 
 

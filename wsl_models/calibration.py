@@ -124,7 +124,8 @@ def choose_map_source(ensemble: Ensemble, pxaps: dict[str, float]) -> dict[str, 
 # six other held-out train images, against 70.0 / 60.2 and 71.5 / 63.4 at the CAM-area
 # threshold; three set 0.06: 71.7 / 63.1, against 57.0 / 67.6 (bench/results/decoder/judges_*).
 # Since the probe rounds, the CAM-area rule with one mask picked 0.05 (Dice bg 20.3): below
-# three, the seed maps' mass sets it (0.5: 60.5 / 67.4 and 59.9 / 66.5; judges_seed_area_*).
+# three, the rule without masks sets it (GlaS, the plug-in rule: 0.375 / 0.388, Dice
+# 66.6 / 67.3 and 64.0 / 65.6; judges_plug_in_scored.json).
 MIN_DECODER_CALIBRATION = 3
 
 AREA_GRID = tuple(round(0.05 * k, 2) for k in range(1, 20))  # 0.05 ... 0.95
@@ -175,13 +176,14 @@ def weak_decoder_threshold(
         idx = range(start, min(start + 16, len(ds)))
         out = ensemble.predict(torch.stack([ds[i][0] for i in idx]), seed=seed, samples=0)
         for j, i in enumerate(idx):
-            cam = ensemble.masks(out, j, size, label=ds.labels[i], source="cam").mask
-            if cam is None:  # too few members agree: no seeds, no mask to match
-                continue
             decoded = ensemble.masks(out, j, size, label=ds.labels[i], source="decoder")
+            if decoded.mask is None:  # too few members agree: no seeds, no mask to match
+                continue
             decoder_maps.append(decoded.intersection_map)
-            cam_areas.append(float(cam.mean()))
-    if not cam_areas:
+            if seed_area is None:  # the CAMs' masks (same members agreeing) are the target
+                cam = ensemble.masks(out, j, size, label=ds.labels[i], source="cam").mask
+                cam_areas.append(float(cam.mean()))
+    if not decoder_maps:
         return None
     target = float(np.mean(cam_areas)) if seed_area is None else float(seed_area)
 
@@ -199,7 +201,7 @@ def weak_decoder_threshold(
         "threshold": threshold,
         "target_area": target,
         "decoder_area": area(threshold),
-        "images": len(cam_areas),
+        "images": len(decoder_maps),
     }
 
 

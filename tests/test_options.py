@@ -50,6 +50,30 @@ def test_flip_tta_makes_maps_of_a_mirror_symmetric_image_symmetric():
     assert not torch.allclose(plain.cams[0], plain.cams[0].flip(-1), atol=1e-3)
 
 
+def test_four_view_tta_averages_the_maps_of_the_flipped_images_flipped_back():
+    """tta_vflip adds the image flipped upside down and both ways: each decoder map is the
+    mean of the four views' maps, each flipped back; CAMs the normalised sum."""
+    torch.manual_seed(0)
+    member = build_member("tiny", 2, decoder=True)
+    x = torch.rand(2, 3, 64, 48)
+    size = (64, 48)
+    views = [(), (-1,), (-2,), (-2, -1)]
+    plain = Ensemble([member], EnsembleConfig(["a", "b"], ["tiny"], size))
+    outs = [plain.predict(x.flip(d) if d else x, seed=0, samples=0) for d in views]
+    back = [
+        o.decoder_maps[0].flip(d) if d else o.decoder_maps[0]
+        for o, d in zip(outs, views, strict=True)
+    ]
+    cfg = EnsembleConfig(["a", "b"], ["tiny"], size, tta_flip=True, tta_vflip=True)
+    out = Ensemble([member], cfg).predict(x, seed=0, samples=0)
+    assert torch.allclose(out.decoder_maps[0], torch.stack(back).mean(0), atol=1e-6)
+    cam_sum = sum(o.cams[0].flip(d) if d else o.cams[0] for o, d in zip(outs, views, strict=True))
+    assert not torch.allclose(out.cams[0], outs[0].cams[0], atol=1e-3)
+    assert torch.allclose(out.cams[0], normalize_maps(cam_sum), atol=1e-5)
+    # The classification is the plain image's: the views change maps only.
+    assert torch.equal(out.probs, outs[0].probs)
+
+
 def test_max_map_mode_takes_the_pixelwise_max_over_classes():
     torch.manual_seed(0)
     member = build_member("tiny", 3)

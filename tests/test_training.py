@@ -78,8 +78,10 @@ def test_cli_train_and_evaluate(synth_dir, tmp_path, capsys):
     model = tmp_path / "model"
     args = ["--data", str(synth_dir), "--out", str(model), "--members", "tiny", "--epochs", "2"]
     train = [*args, "--image-size", "64", "--weights", "none", "--select", "localization"]
-    assert main(["train", *train]) == 0
+    assert main(["train", *train, "--tta", "four"]) == 0
     metrics = ModelStore(model).manifest(ModelStore(model).current_id())["metrics"]
+    config = ModelStore(model).load().config  # four flip views, kept by the version
+    assert config.tta_flip and config.tta_vflip
     # The classifier's checkpoint by its CAM's PxAP on the held-out masks (B-LOC).
     assert metrics["train_config"]["select"] == "localization"
     assert all("val_pxap" in row for row in metrics["members"]["0-tiny"]["history"])

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from . import distributed
 from .data import load_dataset
-from .ensemble import MAP_SOURCES, EnsembleConfig
+from .ensemble import MAP_SOURCES, TTA_VIEWS, EnsembleConfig
 from .evaluation import PROTOCOLS, evaluate, format_table
 from .images import parse_size
 from .members import LITE_TRIO
@@ -47,6 +47,13 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--dropout", type=float, default=0.5)
     t.add_argument("--mc-samples", type=int, default=30)
     t.add_argument("--cam", default="xgradcam", help="xgradcam | gradcam | cam | gradcam++ | ...")
+    t.add_argument(
+        "--tta",
+        default="none",
+        choices=list(TTA_VIEWS),
+        help="maps averaged over flipped images: mirror (2 backbone passes) or four (mirrored, "
+        "upside down, both; 4 passes); thresholds are set on the averaged maps",
+    )
     t.add_argument("--mask-classes", default="", help="comma-separated; default: every class")
     t.add_argument("--val-fraction", type=float, default=0.15)
     t.add_argument("--patience", type=int, default=6)
@@ -238,6 +245,8 @@ def _train(args: argparse.Namespace) -> int:
         decoder=args.decoder,
         map_source=args.map_source,
         output_stride=args.output_stride,
+        tta_flip=TTA_VIEWS[args.tta][0],
+        tta_vflip=TTA_VIEWS[args.tta][1],
     )
     cfg = TrainConfig(
         decoder_epochs=args.decoder_epochs,

@@ -17,6 +17,8 @@ from .tiling import STRIDE, TILE_MARGIN, tiled_map
 from .uncertainty import MEASURES, mc_dropout_probs, member_disagreement
 
 MAP_SOURCES = ("cam", "localizer", "decoder")
+# Flip test-time augmentation by name: (tta_flip, tta_vflip) of EnsembleConfig.
+TTA_VIEWS = {"none": (False, False), "mirror": (True, False), "four": (True, True)}
 
 
 @dataclass
@@ -45,6 +47,8 @@ class EnsembleConfig:
     # (GlaS: glands in benign and malignant images alike).
     map_mode: str = "class"
     tta_flip: bool = False  # average each CAM with the CAM of the mirrored image (2x backbone)
+    # With tta_flip, also the image flipped upside down and both ways: 4 views, 4x backbone.
+    tta_vflip: bool = False
     # Members carry a min-max entropy localizer head (trained with TrainConfig.minmax) and/or a
     # full-resolution decoder (decoder.py, trained from CAM seeds and masks), and where the
     # pre-annotation comes from: "cam" (the CAM method), "localizer" or "decoder" (those heads;
@@ -291,9 +295,10 @@ class Ensemble:
                 dec = torch.sigmoid(member.decode(taps))
             return cam, loc, dec
 
-        def mirrored(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
-            return None if a is None else (a + b.flip(-1)) / 2
+        def added(a: torch.Tensor | None, b: torch.Tensor | None, dims) -> torch.Tensor | None:
+            return None if a is None else a + b.flip(dims)
 
+        views = [(-1,), (-2,), (-2, -1)] if cfg.tta_vflip else [(-1,)]
         # The decoder's own input when it runs at a larger scale than the classifier.
         large = None
         if cfg.decoder_scale != 1.0 and tuple(images.shape[-2:]) != tuple(cfg.image_size):
@@ -317,12 +322,17 @@ class Ensemble:
                         torch.softmax(member.logits_from_pooled(pooled), dim=-1)[None].float().cpu()
                     )
                 cam, loc, dec = heads(member, features, taps, large)
-                if cfg.tta_flip:
-                    f_m, t_m = forward(member, images.flip(-1))
-                    flipped = None if large is None else large.flip(-1)
-                    cam_m, loc_m, dec_m = heads(member, f_m, t_m, flipped)
-                    cam = None if cam is None else normalize_maps(cam + cam_m.flip(-1))
-                    loc, dec = mirrored(loc, loc_m), mirrored(dec, dec_m)
+                if cfg.tta_flip:  # each map averaged with those of the flipped images
+                    for dims in views:
+                        f_m, t_m = forward(member, images.flip(dims))
+                        flipped = None if large is None else large.flip(dims)
+                        cam_m, loc_m, dec_m = heads(member, f_m, t_m, flipped)
+                        cam, loc, dec = (
+                            added(*m, dims) for m in ((cam, cam_m), (loc, loc_m), (dec, dec_m))
+                        )
+                    n = 1 + len(views)
+                    cam = None if cam is None else normalize_maps(cam)
+                    loc, dec = (None if m is None else m / n for m in (loc, dec))
             if cam is None:  # a pytorch-grad-cam method: its own forward and backward
                 cam = normalize_maps(self.cam(member, images).float())
             cams.append(cam.float().cpu())

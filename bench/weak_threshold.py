@@ -62,8 +62,9 @@ def recorded_seeds(store: ModelStore) -> tuple[float | None, bool]:
     before the seed mass was recorded."""
     metrics = store.manifest(store.current_id())["metrics"]
     for report in (metrics.get("retrain"), metrics.get("decoders")):
-        if seeds_recorded(report)[0] is not None:
-            return seeds_recorded(report)
+        seeds = seeds_recorded(report)
+        if seeds[0] is not None:
+            return seeds
     return None, False
 
 

@@ -46,8 +46,9 @@ class EnsembleConfig:
     # normalised map, for datasets whose foreground is the same kind of object in every class
     # (GlaS: glands in benign and malignant images alike).
     map_mode: str = "class"
-    tta_flip: bool = False  # average each CAM with the CAM of the mirrored image (2x backbone)
-    # With tta_flip, also the image flipped upside down and both ways: 4 views, 4x backbone.
+    # Average every map (CAM, localizer, decoder) with the mirrored image's (2x backbone);
+    # with tta_vflip too, also with the upside-down and both-ways flipped images' (4x).
+    tta_flip: bool = False
     tta_vflip: bool = False
     # Members carry a min-max entropy localizer head (trained with TrainConfig.minmax) and/or a
     # full-resolution decoder (decoder.py, trained from CAM seeds and masks), and where the
@@ -295,7 +296,9 @@ class Ensemble:
                 dec = torch.sigmoid(member.decode(taps))
             return cam, loc, dec
 
-        def added(a: torch.Tensor | None, b: torch.Tensor | None, dims) -> torch.Tensor | None:
+        def added(
+            a: torch.Tensor | None, b: torch.Tensor | None, dims: tuple[int, ...]
+        ) -> torch.Tensor | None:
             return None if a is None else a + b.flip(dims)
 
         views = [(-1,), (-2,), (-2, -1)] if cfg.tta_vflip else [(-1,)]

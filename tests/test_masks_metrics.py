@@ -1,5 +1,8 @@
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
 from scipy.special import expit, logit
 from sklearn.metrics import average_precision_score
 
@@ -153,3 +156,15 @@ def test_the_plug_in_threshold_follows_a_shift_of_the_maps_logits(shift):
     moved = plug_in_threshold(expit(logit(maps) + shift), mass=0.3)
     assert logit(moved) == pytest.approx(logit(t) + shift, abs=1e-4)
     assert plug_in_threshold(maps, mass=0.6) < t  # a larger object: a lower cut
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    maps=arrays(np.float64, (2, 6, 6), elements=st.floats(0, 1)),
+    mass=st.one_of(st.none(), st.floats(0, 1)),
+)
+def test_the_plug_in_threshold_is_a_value_in_the_unit_interval_for_any_maps(maps, mass):
+    """Constant, saturated or empty maps and a seed mass of exactly 0 or 1 (degenerate seeds)
+    still give a threshold: never an error, never NaN."""
+    t = plug_in_threshold(maps, mass)
+    assert 0.0 <= t <= 1.0

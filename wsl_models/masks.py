@@ -111,8 +111,9 @@ def plug_in_threshold(maps: np.ndarray, mass: float | None = None) -> float:
     edge is uncertain, so the masks cover more than ``mass``."""
     z = logit(np.clip(maps.astype(np.float64), 1e-6, 1 - 1e-6))
     shift = 0.0
-    if mass is not None:
-        shift = brentq(lambda b: expit(z + b).mean() - mass, -30.0, 30.0)
+    if mass is not None:  # a mass of 0 or 1 (degenerate seeds) has no finite shift
+        target = float(np.clip(mass, 1e-4, 1 - 1e-4))
+        shift = brentq(lambda b: expit(z + b).mean() - target, -30.0, 30.0)
     shifted = expit(z + shift)
     best = max(PLUG_IN_GRID, key=lambda q: expected_dice(shifted, q))
     return float(expit(logit(best) - shift))

@@ -22,7 +22,6 @@ import torch
 from weak_threshold import consensus_maps, dice, model_args, model_splits, recorded_seeds
 
 from wsl_models.calibration import mask_thresholds, weak_decoder_threshold
-from wsl_models.data import load_dataset
 from wsl_models.ensemble import TTA_VIEWS
 from wsl_models.metrics import pxap
 from wsl_models.versions import ModelStore
@@ -35,8 +34,8 @@ def main() -> None:
     ensemble = store.load()
     metrics = store.manifest(store.current_id())["metrics"]
     train, held, test = model_splits(store, ensemble, args.data)
-    calibrated = (metrics.get("calibration") or {}).get("images")
-    calib = [s for s in load_dataset(args.data).samples if s.name in set(calibrated or ())]
+    calibrated = set((metrics.get("calibration") or {}).get("images") or ())
+    calib = [s for s in held if s.name in calibrated]  # held-out images of mask classes
     rows = {}
     for name, (flip, vflip) in TTA_VIEWS.items():
         ensemble.config.tta_flip, ensemble.config.tta_vflip = flip, vflip

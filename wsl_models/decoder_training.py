@@ -603,6 +603,9 @@ def train_decoders(
         report[f"probe_round_{r + 1}"] = done
         maps = [refined[k] if done[keys[k]]["kept"] else maps[k] for k in range(len(maps))]
         if any(d["kept"] for d in done.values()):
+            # self_seed_round replaced each kept member's entry of ``refined`` by its new
+            # decoder's probabilities: this is the size of the maps a next round would seed
+            # from, the decoders' own after the round, not of the probe's re-fit they drew from.
             last = plan.reseeded(refined)
             report["seed_area"] = seed_area(last, at, f"probe_round_{r + 1}", last.seed_cover(at))
     # Self-seed rounds only on the weak path (with human masks the segmenter, mask_training.py,

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from weak_threshold import consensus_maps, dice, recorded_seeds
+from weak_threshold import consensus_maps, dice, saved_model_seeds
 
 from wsl_models import decoder_training
 from wsl_models.calibration import (
@@ -238,7 +238,7 @@ def score(args: argparse.Namespace) -> None:
     for model in args.model.split(","):
         ens = ModelStore(model).load()
         t = ens.config.decoder_threshold
-        seeds = recorded_seeds(ModelStore(model))
+        seeds = saved_model_seeds(ModelStore(model))
         weak = weak_decoder_threshold(ens, train_s, base.seed, *seeds)["threshold"]  # sets it
         row = {"model": model, "threshold": t, "weak_threshold": weak}
         for name, samples in (("held_out", scored), ("test", test)):

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import torch
-from weak_threshold import consensus_maps, dice, model_args, model_splits, recorded_seeds
+from weak_threshold import consensus_maps, dice, model_args, model_splits, saved_model_seeds
 
 from wsl_models.calibration import mask_thresholds, weak_decoder_threshold
 from wsl_models.ensemble import TTA_VIEWS
@@ -43,7 +43,7 @@ def main() -> None:
             mask_thresholds(ensemble, calib, 0)
             rule = "calibrated"
         else:
-            rule = weak_decoder_threshold(ensemble, train, 0, *recorded_seeds(store))["rule"]
+            rule = weak_decoder_threshold(ensemble, train, 0, *saved_model_seeds(store))["rule"]
         t = ensemble.config.decoder_threshold
         row = {"threshold": round(float(t), 3), "rule": rule}
         for split, samples in (("held_out", held), ("test", test)):

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from weak_threshold import consensus_maps, dice, model_args, model_splits, recorded_seeds
+from weak_threshold import consensus_maps, dice, model_args, model_splits, saved_model_seeds
 
 from wsl_models.calibration import weak_decoder_threshold
 from wsl_models.masks import otsu_threshold, plug_in_threshold
@@ -36,7 +36,7 @@ def main() -> None:
     torch.set_num_threads(max(1, torch.get_num_threads()))
     store = ModelStore(args.model)
     ensemble = store.load()
-    mass, large_objects = recorded_seeds(store)
+    mass, large_objects = saved_model_seeds(store)
     if mass is None:
         raise SystemExit(f"{args.model} recorded no seed mass")
     train, held, test = model_splits(store, ensemble, args.data)

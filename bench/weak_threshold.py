@@ -56,7 +56,7 @@ def model_splits(store: ModelStore, ensemble, data: str) -> tuple[list, list, li
     return train, held_s, [s for s in scored if s.split.startswith("test")]
 
 
-def recorded_seeds(store: ModelStore) -> tuple[float | None, bool]:
+def saved_model_seeds(store: ModelStore) -> tuple[float | None, bool]:
     """``seeds_recorded`` of a saved model's decoders, as its training (or
     ``decoder_diagnostics.py retrain --save``) recorded them: (None, False) for a model from
     before the seed mass was recorded."""
@@ -89,7 +89,7 @@ def main() -> None:
     ensemble = store.load()
     calibrated = ensemble.config.decoder_threshold
     train, held_s, test = model_splits(store, ensemble, args.data)
-    rule = weak_decoder_threshold(ensemble, train, 0, *recorded_seeds(store))
+    rule = weak_decoder_threshold(ensemble, train, 0, *saved_model_seeds(store))
     scored = {
         name: consensus_maps(ensemble, s) for name, s in (("held_out", held_s), ("test", test))
     }

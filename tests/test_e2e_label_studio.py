@@ -635,6 +635,9 @@ def test_smart_tools_re_segment_through_label_studio(label_studio, backend, tmp_
         assert r.status_code == 200 and "errors" not in r.json(), r.text
         answer = r.json()["data"]
         assert answer["model_version"] == server.base  # the base model serves this project
+        # The rectangle needs no map (GrabCut in the box): no forward, no score. The keypoint
+        # on a task with no mask starts from the pre-annotation: its confidence comes along.
+        assert ("score" in answer) == (prompt is point)
         (region,) = answer["result"]
         assert region["type"] == "brushlabels" and region["value"]["brushlabels"] == ["finding"]
         assert (region["original_width"], region["original_height"]) == (128, 96)

@@ -12,11 +12,14 @@ from PIL import Image
 from scipy import ndimage
 
 from backend.app import create_app
+from backend.interactive import parse_prompt
 from backend.rle import mask_to_rle, rle_to_mask
 from backend.settings import Settings
-from wsl_models import refine
+from wsl_models import probe, refine
+from wsl_models.ensemble import Ensemble
 from wsl_models.masks import review_region
 from wsl_models.synthetic import disk_image
+from wsl_models.versions import ModelStore
 
 from .images import png_data_uri
 
@@ -257,6 +260,51 @@ def test_keypoints_re_segment_by_the_feature_probe(client):
           f"bridge left {(cut & bridge).sum() / bridge.sum():.2f}, disks IoU {_iou(cut, disks):.2f}")  # fmt: skip
     assert _iou(added, left | right) >= 0.6
     assert (cut & bridge).sum() <= 0.5 * bridge.sum() and _iou(cut, disks) >= 0.6
+
+
+def test_smart_tools_run_the_ensemble_only_where_its_maps_are_used(model_dir, monkeypatch):
+    """A rectangle (GrabCut in the box) and the probe's keypoints on the mask the annotator
+    sees use no map, so they answer without the ensemble's forward (the probe's own features
+    aside), with the same mask and no score; keypoints on a task with no mask start from the
+    pre-annotation and a rectangle with BOX_PRIOR=map uses the map: one forward each, and
+    the answer carries the ensemble's confidence."""
+    forwards = []
+    real = Ensemble.predict
+
+    def counted(self, *args, **kwargs):
+        forwards.append(len(args[0]))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Ensemble, "predict", counted)
+    img, left, right = _two_disks()
+    uri = png_data_uri(img)
+    clicks = [_point(75, 50)]
+    rect = _rect(10, 10, 40, 80)
+
+    def answer(client, task, items):
+        before = len(forwards)
+        pred = _prompt(client, task, items)
+        (region,) = pred["result"]
+        return pred, region, len(forwards) - before
+
+    client = create_app(Settings(model_dir=str(model_dir))).test_client()
+    on_draft = {"id": 8, "data": {"image": uri}, "drafts": [_draft(left)]}
+    for task, items in ((on_draft, clicks), ({"id": 9, "data": {"image": uri}}, [rect])):
+        pred, region, ran = answer(client, task, items)
+        assert ran == 0 and "score" not in pred and "score" not in region
+    # The probe's answer on the draft is the probe's re-fit of that draft after the click.
+    ensemble = ModelStore(model_dir).load()
+    pil = Image.fromarray(img)
+    features = probe.image_features(ensemble.members[0], pil, ensemble.config.input_size)
+    expected = probe.probe_clicks(features, left, parse_prompt({"result": clicks}, pil.size).clicks)
+    pred, _, _ = answer(client, on_draft, clicks)
+    assert np.array_equal(rle_to_mask(pred["result"][0]["value"]["rle"], 100, 200), expected)
+
+    mapped = create_app(Settings(model_dir=str(model_dir), box_prior="map")).test_client()
+    for app, task, items in ((client, {"id": 10, "data": {"image": uri}}, clicks),
+                             (mapped, {"id": 11, "data": {"image": uri}}, [rect])):  # fmt: skip
+        pred, region, ran = answer(app, task, items)
+        assert ran == 1 and 0.5 <= pred["score"] <= 1.0 and region["score"] == pred["score"]
 
 
 def test_an_unknown_keypoints_method_fails_the_start(model_dir):

@@ -8,18 +8,13 @@ import pytest
 import torch
 
 from wsl_models.data import load_dataset
-from wsl_models.decoder_training import (
-    affinity_loss,
-    area_loss,
-    pair_weights,
-    sample_seeds,
-    seed_regions,
-)
+from wsl_models.decoder_losses import affinity_loss, area_loss, pair_weights
 from wsl_models.ensemble import Ensemble, EnsembleConfig
 from wsl_models.evaluation import evaluate, format_table
 from wsl_models.images import open_image, open_mask, to_tensor
 from wsl_models.masks import plug_in_threshold
 from wsl_models.members import build_member
+from wsl_models.seeds import sample_seeds, seed_regions
 from wsl_models.supervision import IGNORE
 from wsl_models.synthetic import make_dataset
 from wsl_models.training import TrainConfig, train_ensemble

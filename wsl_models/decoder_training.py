@@ -37,6 +37,7 @@ from torch.nn import functional as F
 from .calibration import MIN_DECODER_CALIBRATION
 from .cam import ANALYTIC, AnalyticCAM, cam_method, normalize_maps, resize_maps
 from .data import ImageDataset, Sample, load_masks
+from .decoder_losses import affinity_loss, area_loss, masked_bce, pair_weights, select_offsets
 from .ensemble import Ensemble
 from .masks import otsu_threshold, resize_mask
 from .members import Member, channels_last
@@ -45,66 +46,6 @@ from .refined_seeds import probe_refined
 from .seeds import multiscale_cams, probability_seeds, sample_seeds, seed_regions
 from .supervision import IGNORE, default_cam, pseudo_target
 from .train_config import TrainConfig, recipe
-
-__all__ = ["sample_seeds", "seed_regions", "train_decoders"]  # seed helpers re-exported
-
-# ---------------------------------------------------------------- pure functions
-
-
-def _pairs(t: torch.Tensor, dy: int, dx: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(a, b): every pixel and its neighbour at offset (dy >= 0, dx), both cropped to fit."""
-    h, w = t.shape[-2:]
-    a = t[..., : h - dy, max(0, -dx) : w - max(0, dx)]
-    b = t[..., dy:, max(0, dx) : w + min(0, dx)]
-    return a, b
-
-
-Offsets = list[tuple[int, int, torch.Tensor]]
-
-
-def pair_weights(image: torch.Tensor, sigma: float, dilations: Sequence[int]) -> Offsets:
-    """For each offset (d, 0), (0, d), (d, d), (d, -d): exp(-|I_a - I_b|^2 / 2 sigma^2) of every
-    pixel pair (B, 1, ...). They depend on the image only: computed once per training run."""
-    out: Offsets = []
-    for d in dilations:
-        for dy, dx in ((0, d), (d, 0), (d, d), (d, -d)):
-            if dy >= image.shape[-2] or abs(dx) >= image.shape[-1]:
-                continue
-            ia, ib = _pairs(image, dy, dx)
-            out.append((dy, dx, torch.exp(-((ia - ib) ** 2).sum(1, keepdim=True) / (2 * sigma**2))))
-    return out
-
-
-def affinity_loss(probs: torch.Tensor, weights: Offsets) -> torch.Tensor:
-    """Colour-weighted disagreement of neighbouring pixels (a local dense-CRF relaxation):
-    the ``pair_weights``-weighted mean of the Potts relaxation p_a (1 - p_b) + p_b (1 - p_a).
-    probs (B, 1, h, w) foreground probability, on the grid the weights were made on."""
-    total = probs.new_zeros(())
-    norm = probs.new_zeros(())
-    for dy, dx, w in weights:
-        pa, pb = _pairs(probs, dy, dx)
-        total = total + (w * (pa * (1 - pb) + pb * (1 - pa))).sum()
-        norm = norm + w.sum()
-    return total / norm.clamp_min(1e-6)
-
-
-def _select(weights: Offsets, idx: torch.Tensor) -> Offsets:
-    return [(dy, dx, w[idx]) for dy, dx, w in weights]
-
-
-def area_loss(probs: torch.Tensor, low: float, high: float) -> torch.Tensor:
-    """Mean over images of how far the foreground fraction lies outside [low, high]."""
-    fraction = probs.flatten(1).mean(1)
-    return (F.relu(low - fraction) + F.relu(fraction - high)).mean()
-
-
-def masked_bce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Binary cross-entropy over the pixels of ``target`` (uint8) that are not IGNORE."""
-    valid = target != IGNORE
-    if not valid.any():
-        return logits.sum() * 0.0
-    return F.binary_cross_entropy_with_logits(logits[valid], (target[valid] == 1).float())
-
 
 # ---------------------------------------------------------------- the per-image plan
 
@@ -455,7 +396,7 @@ def train_decoder(
             if cfg.decoder_affinity_weight > 0:  # on the unflipped grid its weights were made on
                 (upright,) = _flip([probs], dims)
                 loss = loss + cfg.decoder_affinity_weight * affinity_loss(
-                    upright, _select(weights, idx)
+                    upright, select_offsets(weights, idx)
                 )
             pos = wanted[idx] & ~has_human[idx]
             if cfg.decoder_area_weight > 0 and pos.any():

@@ -47,8 +47,8 @@ from . import probe
 from .clicks import clicks_in, load_points
 from .data import ImageDataset, Sample
 from .decoder_losses import affinity_loss, pair_weights
-from .decoder_training import BestCheckpoint, HeldOut
 from .ensemble import Ensemble, EnsembleConfig
+from .held_out import BestCheckpoint, HeldOut
 from .images import ImageError, open_image, open_mask, scaled_size, to_tensor
 from .masks import resize_mask
 from .members import Member, channels_last

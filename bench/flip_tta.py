@@ -37,8 +37,8 @@ def main() -> None:
     calibrated = set((metrics.get("calibration") or {}).get("images") or ())
     calib = [s for s in held if s.name in calibrated]  # held-out images of mask classes
     rows = {}
-    for name, (flip, vflip) in TTA_VIEWS.items():
-        ensemble.config.tta_flip, ensemble.config.tta_vflip = flip, vflip
+    for name in TTA_VIEWS:
+        ensemble.config.set_tta(name)
         if calib:  # as training calibrates with held-out masks
             mask_thresholds(ensemble, calib, 0)
             rule = "calibrated"

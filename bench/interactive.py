@@ -62,7 +62,7 @@ def main() -> None:
     args = p.parse_args()
     model_dir = tempfile.mkdtemp()
     ens = make_ensemble(list(LITE_TRIO), (224, 224), 30, ["finding", "normal"], decoder=True)
-    ens.config.tta_flip, ens.config.tta_vflip = TTA_VIEWS[args.tta]
+    ens.config.set_tta(args.tta)
     ModelStore(model_dir).save(ens, {})
     settings = Settings(model_dir=model_dir)
     holder = ModelHolder(settings)

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from weak_threshold import consensus_maps, dice, model_args, model_splits, saved_model_seeds
 
-from wsl_models.calibration import weak_decoder_threshold
+from wsl_models.calibration import weak_decoder_maps, weak_threshold_rule
 from wsl_models.masks import otsu_threshold, plug_in_threshold
 from wsl_models.versions import ModelStore
 
@@ -42,10 +42,11 @@ def main() -> None:
     train, held, test = model_splits(store, ensemble, args.data)
     wanted = set(ensemble.config.mask_classes or ensemble.config.classes)
     maps = np.stack(consensus_maps(ensemble, [s for s in train if s.label in wanted][:48])[0])
-    default = weak_decoder_threshold(ensemble, train, 0, mass, large_objects)
+    library_maps, _ = weak_decoder_maps(ensemble, train, 0, cam_areas=False)  # training's
+    rule, threshold = weak_threshold_rule(library_maps, mass, True, large_objects)
     rules = {
-        f"default ({default['rule']})": default["threshold"],
-        "mass": weak_decoder_threshold(ensemble, train, 0, mass)["threshold"],
+        f"default ({rule})": threshold,
+        "mass": weak_threshold_rule(library_maps, mass, True, False)[1],
         "otsu": float(otsu_threshold(maps.reshape(-1, maps.shape[-1]))),
         "plug_in": plug_in_threshold(maps, mass),
         "plug_in_raw": plug_in_threshold(maps, None),

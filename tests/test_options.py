@@ -50,6 +50,21 @@ def test_flip_tta_makes_maps_of_a_mirror_symmetric_image_symmetric():
     assert not torch.allclose(plain.cams[0], plain.cams[0].flip(-1), atol=1e-3)
 
 
+def test_tta_is_set_by_name_and_four_views_need_the_mirror():
+    cfg = EnsembleConfig(["a", "b"], ["tiny"], (64, 64))
+    for name, flags in (
+        ("four", (True, True)),
+        ("mirror", (True, False)),
+        ("none", (False, False)),
+    ):
+        cfg.set_tta(name)
+        assert (cfg.tta_flip, cfg.tta_vflip) == flags
+    with pytest.raises(ValueError, match="unknown TTA"):
+        cfg.set_tta("eight")
+    with pytest.raises(ValueError, match="tta_vflip needs tta_flip"):
+        EnsembleConfig(["a", "b"], ["tiny"], (64, 64), tta_vflip=True)
+
+
 def test_four_view_tta_averages_the_maps_of_the_flipped_images_flipped_back():
     """tta_vflip adds the image flipped upside down and both ways: each decoder map is the
     mean of the four views' maps, each flipped back; CAMs the normalised sum."""

@@ -164,14 +164,35 @@ def weak_decoder_threshold(
     0.029), where the mass is the better bound. New GlaS / LGG projects' decoders, held-out
     train Dice fg / bg: 67.2 / 65.7 at the plug-in's 0.35 (60.0 / 66.2 at the mass's 0.5) and
     55.8 / 98.7 at the mass's 0.95 (48.0 / 97.4 at the plug-in's 0.86; docs/weak-masks.md)."""
+    maps, cam_areas = weak_decoder_maps(ensemble, samples, seed, seed_area is None, limit)
+    if not maps:
+        return None
+    target = float(np.mean(cam_areas)) if seed_area is None else float(seed_area)
+    rule, threshold = weak_threshold_rule(maps, target, seed_area is not None, large_objects)
+    ensemble.config.decoder_threshold = threshold
+    return {
+        "rule": rule,
+        "threshold": threshold,
+        "target_area": target,
+        "decoder_area": mean_area(maps, threshold),
+        "images": len(maps),
+    }
+
+
+def weak_decoder_maps(
+    ensemble: Ensemble, samples: list[Sample], seed: int, cam_areas: bool, limit: int = 48
+) -> tuple[list[np.ndarray], list[float]]:
+    """The decoders' consensus maps of up to ``limit`` training images of mask classes whose
+    members agree enough for a mask, at the model's size, and (``cam_areas``) the share of
+    each image the CAMs' consensus mask covers."""
     conf = ensemble.config
     wanted = set(conf.mask_classes or conf.classes)
     chosen = [s for s in samples if s.label in wanted][:limit]
     if not chosen:
-        return None
+        return [], []
     ds = ImageDataset(chosen, conf.classes, conf.input_size)
     size = tuple(conf.image_size)
-    decoder_maps, cam_areas = [], []
+    maps, areas = [], []
     for start in range(0, len(ds), 16):
         idx = range(start, min(start + 16, len(ds)))
         out = ensemble.predict(torch.stack([ds[i][0] for i in idx]), seed=seed, samples=0)
@@ -179,30 +200,29 @@ def weak_decoder_threshold(
             decoded = ensemble.masks(out, j, size, label=ds.labels[i], source="decoder")
             if decoded.mask is None:  # too few members agree: no seeds, no mask to match
                 continue
-            decoder_maps.append(decoded.intersection_map)
-            if seed_area is None:  # the CAMs' masks (same members agreeing) are the target
+            maps.append(decoded.intersection_map)
+            if cam_areas:  # the CAMs' masks (same members agreeing)
                 cam = ensemble.masks(out, j, size, label=ds.labels[i], source="cam").mask
-                cam_areas.append(float(cam.mean()))
-    if not decoder_maps:
-        return None
-    target = float(np.mean(cam_areas)) if seed_area is None else float(seed_area)
+                areas.append(float(cam.mean()))
+    return maps, areas
 
-    def area(t: float) -> float:
-        return float(np.mean([(m > t).mean() for m in decoder_maps]))
 
-    rule = "cam_area" if seed_area is None else "seed_area"
-    if rule == "seed_area" and large_objects:
-        rule, threshold = "plug_in", round(plug_in_threshold(np.stack(decoder_maps), target), 3)
-    else:
-        threshold = next((t for t in AREA_GRID if area(t) <= target), AREA_GRID[-1])
-    conf.decoder_threshold = threshold
-    return {
-        "rule": rule,
-        "threshold": threshold,
-        "target_area": target,
-        "decoder_area": area(threshold),
-        "images": len(decoder_maps),
-    }
+def mean_area(maps: list[np.ndarray], t: float) -> float:
+    """The mean share of an image the maps' masks at ``t`` cover."""
+    return float(np.mean([(m > t).mean() for m in maps]))
+
+
+def weak_threshold_rule(
+    maps: list[np.ndarray], target: float, from_seeds: bool, large_objects: bool
+) -> tuple[str, float]:
+    """(rule, threshold) of ``weak_decoder_threshold`` for the consensus ``maps``: the plug-in
+    Dice threshold at the seeds' mass ``target`` where the objects are large, else the lowest
+    grid value whose masks cover no more than ``target`` (the seeds' mass, or without
+    ``from_seeds`` the CAMs' masks' area)."""
+    if from_seeds and large_objects:
+        return "plug_in", round(plug_in_threshold(np.stack(maps), target), 3)
+    rule = "seed_area" if from_seeds else "cam_area"
+    return rule, next((t for t in AREA_GRID if mean_area(maps, t) <= target), AREA_GRID[-1])
 
 
 def calibrate(

@@ -245,9 +245,8 @@ def _train(args: argparse.Namespace) -> int:
         decoder=args.decoder,
         map_source=args.map_source,
         output_stride=args.output_stride,
-        tta_flip=TTA_VIEWS[args.tta][0],
-        tta_vflip=TTA_VIEWS[args.tta][1],
     )
+    ens_cfg.set_tta(args.tta)
     cfg = TrainConfig(
         decoder_epochs=args.decoder_epochs,
         decoder_steps=args.decoder_steps,

@@ -49,7 +49,7 @@ class EnsembleConfig:
     # Average every map (CAM, localizer, decoder) with the mirrored image's (2x backbone);
     # with tta_vflip too, also with the upside-down and both-ways flipped images' (4x).
     tta_flip: bool = False
-    tta_vflip: bool = False
+    tta_vflip: bool = False  # only with tta_flip: set both by name with ``set_tta``
     # Members carry a min-max entropy localizer head (trained with TrainConfig.minmax) and/or a
     # full-resolution decoder (decoder.py, trained from CAM seeds and masks), and where the
     # pre-annotation comes from: "cam" (the CAM method), "localizer" or "decoder" (those heads;
@@ -82,6 +82,8 @@ class EnsembleConfig:
             )
         if self.map_source is None:
             self.map_source = "decoder" if self.decoder else "cam"
+        if self.tta_vflip and not self.tta_flip:
+            raise ValueError("tta_vflip needs tta_flip (the four views include the mirrored one)")
         if self.map_mode not in ("class", "max"):
             raise ValueError(f"map_mode must be 'class' or 'max', not {self.map_mode!r}")
         if self.map_source not in MAP_SOURCES:
@@ -104,6 +106,12 @@ class EnsembleConfig:
             raise ValueError("an ensemble needs at least one member")
         if len(self.classes) < 2:
             raise ValueError("a classifier needs at least two classes")
+
+    def set_tta(self, name: str) -> None:
+        """Flip test-time augmentation by its ``TTA_VIEWS`` name: none, mirror or four."""
+        if name not in TTA_VIEWS:
+            raise ValueError(f"unknown TTA {name!r}: use one of {', '.join(TTA_VIEWS)}")
+        self.tta_flip, self.tta_vflip = TTA_VIEWS[name]
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
